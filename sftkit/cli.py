@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import cached_models, cache_dir
+    from .models import cache_dir, cached_models
 
     print(f"aliases (cache: {cache_dir() / 'models'}):")
     for name, description, status in cached_models():

@@ -39,6 +39,7 @@ class RunResult:
     eval_loss: float | None = None
     scores: dict[str, float] = field(default_factory=dict)  # "base"/"tuned" -> metric value
     seconds: float = 0.0
+    model: torch.nn.Module | None = None  # the final in-memory model (merged for LoRA)
 
 
 def prepare_run_dir(path: str, overwrite: bool) -> Path:
@@ -179,7 +180,7 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
                 sums = token_loss(model, {key: v.to(device) for key, v in mb.items()})
                 # DDP averages gradients over ranks; multiplying by the world size turns that into a sum.
                 accelerator.backward(sums.loss * world / step_tokens)
-            loss_sum += float(sums.loss)
+            loss_sum += float(sums.loss.detach())
         loss = float(accelerator.reduce(torch.tensor(loss_sum, device=device), "sum")) / step_tokens
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
@@ -227,6 +228,7 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
         result.scores["tuned"], preds = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
         log(f"tuned model {cfg.eval.metric} on {cfg.data.eval}: {result.scores['tuned']:.3f}")
     result.seconds = time.time() - t_start
+    result.model = model
     if accelerator.is_main_process:
         summary = {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                    "metric": cfg.eval.metric if cfg.eval.generate else None, "scores": result.scores,

@@ -30,7 +30,9 @@ class Example:
 
     @property
     def n_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        # The first token is never predicted (nothing comes before it), so its label never
+        # reaches the loss: counting it would let a one-token remnant pass as trainable.
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 @dataclass

