@@ -25,6 +25,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from .data import prepare, renderer_for
+    from .data.quality import export_examples, report
+    from .models import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    tok = load_tokenizer(cfg.model.name)
+    prepared = prepare(cfg.data, cfg.train.seed, renderer_for(cfg.data, tok))
+    color = sys.stdout.isatty() and not args.no_color
+    print(report(prepared, tok, n_samples=args.n, color=color))
+    if args.export:
+        export_examples(prepared.train, args.export)
+        print(f"\nwrote {len(prepared.train)} training examples (input_ids, labels) to {args.export}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import cache_dir, cached_models
 
@@ -57,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=200 peft.r=32")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("data", help="look at the data as training will see it")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="counts, lengths, trained fraction, duplicates and rendered samples")
+    di.add_argument("config", help="YAML config file (its data and model sections are used)")
+    di.add_argument("overrides", nargs="*", help="config overrides, e.g. data.max_length=512")
+    di.add_argument("--n", type=int, default=3, help="samples to render with trained tokens marked")
+    di.add_argument("--export", metavar="FILE.jsonl", help="write every kept training example's input_ids and labels")
+    di.add_argument("--no-color", action="store_true", help="mark trained tokens with [[...]] even on a terminal")
+    di.set_defaults(fn=cmd_data_inspect)
 
     m = sub.add_parser("models", help="list model aliases and what is cached")
     m.set_defaults(fn=cmd_models)

@@ -30,11 +30,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None  # training file (JSONL with `messages` or `prompt`/`completion` rows)
-    eval: str | None = None  # held-out file in the same format; eval loss and eval metrics use it
-    max_length: int = 1024  # longest sample in tokens; longer samples lose prompt tokens from the left
-    template: str = "auto"  # auto = the tokenizer's chat template; plain = prompt + completion, no template
+    train: str | list[Any] | None = None  # file, folder or hub dataset; or a list of them / {path, weight} to mix
+    eval: str | None = None  # held-out data in the same format; eval loss and eval metrics use it
+    eval_fraction: float = 0.0  # without data.eval: hold out this fraction of data.train (split by train.seed)
+    format: str = "auto"  # auto | text | prompt_completion | messages | sharegpt | alpaca
+    columns: dict[str, str] = field(default_factory=dict)  # our field -> the data's column, e.g. {output: response}
+    max_length: int = 1024  # longest sample in tokens
+    truncation: str = "truncate"  # truncate (prompt from the left first, then the reply's tail) | drop | error
+    mask: str = "auto"  # auto | completion | assistant | last_assistant | none (train on every token)
+    template: str = "auto"  # auto = tokenizer's chat template | plain | chatml | llama-3 | alpaca | path.jinja
     system: str | None = None  # system message added to every conversation that has none
+    on_error: str = "error"  # error = stop at the first bad row | skip = skip bad rows and count them by reason
 
 
 @dataclass
@@ -147,6 +153,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is Any:
+        return value
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import Config, ConfigError, save_config
+from .data import prepare, renderer_for
 from .data.packing import pad_collate, step_indices
-from .data.render import IGNORE, Example, Renderer, build_examples
-from .data.sources import Row, load_rows
+from .data.render import IGNORE, Example, Renderer
+from .data.sources import Row
 from .evaluate import score
 from .generate import generate
 from .loss import token_loss
@@ -100,6 +101,7 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
 
 def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str) -> tuple[float, list[str]]:
     """Generate a reply to each held-out prompt (all turns before the last reply) and score it."""
+    rows = [r for r in rows if r.text is None]  # text rows have no reply to generate
     rows = rows[: cfg.eval.limit] if cfg.eval.limit > 0 else rows
     prompts = [r.messages[:-1] for r in rows]
     refs = [r.messages[-1]["content"] for r in rows]
@@ -110,8 +112,6 @@ def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, l
 
 def train(cfg: Config, overwrite: bool = False) -> RunResult:
     t_start = time.time()
-    if not cfg.data.train:
-        raise ConfigError("data.train is not set: give a training file (data.train=path/to/train.jsonl)")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
     run_dir = prepare_run_dir(cfg.output_dir, overwrite)
@@ -122,19 +122,15 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
     # Model and data.
     log(f"loading model {cfg.model.name}")
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision)
-    renderer = Renderer(tok, cfg.data.template, cfg.data.max_length)
-    train_ex, stats = build_examples(load_rows(cfg.data.train, cfg.data.system), renderer)
-    log(stats.summary(f"train data {cfg.data.train}"))
+    renderer = renderer_for(cfg.data, tok)
+    data = prepare(cfg.data, cfg.train.seed, renderer)
+    for line in data.summary():
+        log(line)
+    train_ex, eval_ex, eval_rows = data.train, data.eval, data.eval_rows
     if not train_ex:
         raise ConfigError(f"{cfg.data.train}: no example has a trained token left; raise data.max_length")
-    eval_rows: list[Row] = []
-    eval_ex: list[Example] = []
-    if cfg.data.eval:
-        eval_rows = load_rows(cfg.data.eval, cfg.data.system)
-        eval_ex, estats = build_examples(eval_rows, renderer)
-        log(estats.summary(f"eval data {cfg.data.eval}"))
     if cfg.eval.generate and not eval_rows:
-        raise ConfigError("eval.generate=true needs held-out rows: set data.eval")
+        raise ConfigError("eval.generate=true needs held-out rows: set data.eval or data.eval_fraction")
 
     result = RunResult(run_dir=run_dir, steps=0, final_loss=float("nan"))
     device = accelerator.device

@@ -1,1 +1,64 @@
-"""Data: read and normalise rows (sources), render them to token ids and labels (render), batch (packing)."""
+"""Data: read and normalise rows (sources), render them to token ids and labels (render), batch (packing).
+
+`prepare` is the one path from `data.*` config to training examples; training, `data inspect` and
+evaluation all take it, so a row is rendered the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import DataConfig
+from .render import Example, Renderer, RenderStats, build_examples
+from .sources import DataError, ReadStats, Row, load_rows, mix, parse_sources, split_eval
+
+
+@dataclass
+class Prepared:
+    train: list[Example]
+    eval: list[Example]
+    train_rows: list[Row]
+    eval_rows: list[Row]
+    train_stats: RenderStats
+    eval_stats: RenderStats | None
+    read_stats: ReadStats = field(default_factory=ReadStats)  # rows read and skipped (on_error=skip)
+
+    def summary(self) -> list[str]:
+        lines = []
+        if self.read_stats.skipped:
+            skipped = ", ".join(f"{n} {r}" for r, n in self.read_stats.skipped.most_common())
+            lines.append(f"skipped while reading (data.on_error=skip): {skipped}")
+        lines.append(self.train_stats.summary("train"))
+        if self.eval_stats is not None:
+            lines.append(self.eval_stats.summary("eval"))
+        return lines
+
+
+def read(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row], ReadStats]:
+    """Training and held-out rows as the config describes them (mix, split), before tokenization."""
+    sources = parse_sources(cfg.train)
+    if not sources:
+        raise DataError("data.train is not set: give a training file (data.train=path/to/train.jsonl)")
+    stats = ReadStats()
+    groups = [(load_rows(path, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats), w) for path, w in sources]
+    train = mix(groups, seed) if len(groups) > 1 or groups[0][1] != 1.0 else groups[0][0]
+    held: list[Row] = []
+    if cfg.eval:
+        held = load_rows(cfg.eval, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats, split="validation")
+    elif cfg.eval_fraction > 0:
+        train, held = split_eval(train, cfg.eval_fraction, seed)
+    return train, held, stats
+
+
+def prepare(cfg: DataConfig, seed: int, renderer: Renderer) -> Prepared:
+    train_rows, eval_rows, read_stats = read(cfg, seed)
+    train, train_stats = build_examples(train_rows, renderer)
+    eval_ex, eval_stats = build_examples(eval_rows, renderer) if eval_rows else ([], None)
+    return Prepared(train, eval_ex, train_rows, eval_rows, train_stats, eval_stats, read_stats)
+
+
+def renderer_for(cfg: DataConfig, tokenizer) -> Renderer:
+    return Renderer(tokenizer, cfg.template, cfg.max_length, cfg.mask, cfg.truncation)
+
+
+__all__ = ["DataError", "Example", "Prepared", "Renderer", "Row", "prepare", "read", "renderer_for"]

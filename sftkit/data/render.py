@@ -53,24 +53,70 @@ class RenderStats:
         )
 
 
-class Renderer:
-    """Turns Rows into Examples with one tokenizer and template, the same way everywhere."""
+TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama-3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% else %}"
+        "{{ 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n' }}"
+        "{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '### Instruction:\n' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}"
+        "{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+}
+# Tokens that close a turn in common templates; the eos token always does.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+MASKS = ("auto", "completion", "assistant", "last_assistant", "none")
+TRUNCATION = ("truncate", "drop", "error")
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = "auto", max_length: int = 1024):
-        if template not in ("auto", "plain"):
-            raise DataError(f"data.template: {template!r} is not one of auto, plain")
-        if template == "auto" and not tokenizer.chat_template:
-            raise DataError(
-                "data.template=auto needs a tokenizer with a chat template, and this one has none; "
-                "use data.template=plain (prompt + completion + eos) for a base model"
-            )
+
+class Renderer:
+    """Turns Rows into Examples with one tokenizer, template and masking mode, the same way everywhere."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = "auto", max_length: int = 1024,
+                 mask: str = "auto", truncation: str = "truncate"):
+        if mask not in MASKS:
+            raise DataError(f"data.mask: {mask!r} is not one of {', '.join(MASKS)}")
+        if truncation not in TRUNCATION:
+            raise DataError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
         self.tok = tokenizer
         self.template = template
         self.max_length = max_length
+        self.mask = mask
+        self.truncation = truncation
+        self.chat_template = self._resolve_template(template)
         # The tokens that end a turn. Padding may share the id (pad == eos is common): labels are
         # built here, before padding, so the end of a reply stays trained either way.
-        self.end_ids = {tokenizer.eos_token_id} - {None}
-        self.template_name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
+        vocab = tokenizer.get_vocab()
+        self.end_ids = ({tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN if t in vocab}) - {None}
+        self.template_name = template if template != "auto" else f"the tokenizer of {getattr(tokenizer, 'name_or_path', '?')}"
+
+    def _resolve_template(self, template: str) -> str | None:
+        if template == "plain":
+            return None
+        if template == "auto":
+            if not self.tok.chat_template:
+                raise DataError(
+                    "data.template=auto needs a tokenizer with a chat template, and this one has none; use "
+                    "data.template=plain (prompt + completion + eos) for a base model, or chatml / llama-3 / alpaca"
+                )
+            return None  # the tokenizer's own
+        if template in TEMPLATES:
+            return TEMPLATES[template]
+        if template.endswith((".jinja", ".j2")) or "/" in template:
+            try:
+                return open(template, encoding="utf-8").read()
+            except OSError as e:
+                raise DataError(f"data.template: cannot read the Jinja file {template!r}: {e.strerror}") from None
+        raise DataError(f"data.template: {template!r} is not auto, plain, {', '.join(TEMPLATES)} or a .jinja file")
 
     # -- tokenization ---------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -82,72 +128,83 @@ class Renderer:
             ids = [bos] + ids
         return ids
 
-    def _chat(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def _text(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        if self.template == "plain":
+            # Contents laid end to end, each reply closed by eos: what base-model SFT expects.
+            eos = self.tok.eos_token or ""
+            return "".join(m["content"] + (eos if m["role"] == "assistant" else "")
+                           for m in messages if m["role"] != "system")
+        kwargs = {"chat_template": self.chat_template} if self.chat_template else {}
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Tokens that ask the model for the next assistant reply (used by generation)."""
-        if self.template == "plain":
-            return self._encode("".join(m["content"] for m in messages if m["role"] != "system"))
-        return self._encode(self._chat(messages, generation_prompt=True))
+        return self._encode(self._text(messages, generation_prompt=True))
 
     # -- labels ---------------------------------------------------------------------------------
+    def _trained_turns(self, row: Row) -> list[int]:
+        mask = self.mask
+        if mask == "auto":
+            mask = "completion" if row.kind in ("prompt_completion", "alpaca") else "assistant"
+        assistant = [i for i, m in enumerate(row.messages) if m["role"] == "assistant"]
+        if mask == "assistant":
+            return assistant
+        if mask == "last_assistant":
+            return assistant[-1:]
+        if mask == "completion":
+            # The completion part of prompt/completion rows; the final reply of a conversation.
+            return [i for i in assistant if i >= row.n_prompt] if row.n_prompt else assistant[-1:]
+        return []
+
     def render(self, row: Row) -> Example:
-        """Full-length (untruncated) example with assistant replies and their end token trained."""
-        if self.template == "plain":
-            return self._render_plain(row)
+        """Full-length (untruncated) example: trained replies with their end token, nothing else."""
+        if row.text is not None:  # plain text: every token, closed by eos so documents end
+            ids = self._encode(row.text) + ([self.tok.eos_token_id] if self.tok.eos_token_id is not None else [])
+            return Example(ids, list(ids), row.source, row.line)
         msgs = row.messages
-        ids = self._encode(self._chat(msgs))
+        ids = self._encode(self._text(msgs))
+        if self.mask == "none":
+            return Example(ids, list(ids), row.source, row.line)
         labels = [IGNORE] * len(ids)
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            start = self._prefix_len(self._chat(msgs[:i], generation_prompt=True), ids, row, i)
-            end = self._prefix_len(self._chat(msgs[: i + 1]), ids, row, i)
+        for i in self._trained_turns(row):
+            start = self._prefix_len(self._text(msgs[:i], generation_prompt=True), ids, row, i)
+            end = self._prefix_len(self._text(msgs[: i + 1]), ids, row, i)
             # Train up to and including the last end-of-turn token inside the reply's span;
             # what a template writes after it (a newline) belongs to no reply.
             last_end = max((j for j in range(start, end) if ids[j] in self.end_ids), default=end - 1)
-            for j in range(start, last_end + 1):
-                labels[j] = ids[j]
+            labels[start : last_end + 1] = ids[start : last_end + 1]
         return Example(ids, labels, row.source, row.line)
 
     def _prefix_len(self, text: str, full: list[int], row: Row, turn: int) -> int:
         ids = self._encode(text)
-        if full[: len(ids)] != ids:
-            raise DataError(
-                f"{row.source}:{row.line}: messages[{turn}]: the chat template of {self.template_name} is not "
-                "prefix-consistent (rendering the conversation up to this turn does not give a prefix of the "
-                "whole conversation), so the reply's tokens cannot be located; use data.template=plain or "
-                "a tokenizer whose template renders earlier turns unchanged"
-            )
-        return len(ids)
-
-    def _render_plain(self, row: Row) -> Example:
-        ids: list[int] = []
-        labels: list[int] = []
-        for m in row.messages:
-            if m["role"] == "system":
-                continue
-            part = self._encode(m["content"]) if not ids else self.tok(m["content"], add_special_tokens=False)["input_ids"]
-            if m["role"] == "assistant":
-                part = part + [self.tok.eos_token_id]
-                labels += part
-            else:
-                labels += [IGNORE] * len(part)
-            ids += part
-        return Example(ids, labels, row.source, row.line)
+        if full[: len(ids)] == ids:
+            return len(ids)
+        if self.template == "plain":
+            # Without a template, BPE may merge the prompt's last characters with the reply's
+            # first: the merged token carries reply text, so the reply starts there.
+            return next(j for j, (a, b) in enumerate(zip(ids, full)) if a != b)
+        raise DataError(
+            f"{row.source}:{row.line}: messages[{turn}]: the chat template ({self.template_name}) is not "
+            "prefix-consistent: rendering the conversation up to this turn does not give a prefix of the whole "
+            "conversation, so the reply's tokens cannot be located; use another data.template",
+            "template not prefix-consistent",
+        )
 
     def truncate(self, ex: Example) -> tuple[Example, bool]:
-        """Fit max_length: drop prompt tokens from the left first, then cut the reply's tail."""
+        """Fit max_length by data.truncation: drop prompt tokens from the left first, then cut the reply's tail."""
         n = len(ex.input_ids)
         if n <= self.max_length:
             return ex, False
+        if self.truncation == "error":
+            raise DataError(f"{ex.source}:{ex.line}: {n} tokens, longer than data.max_length={self.max_length} "
+                            "(data.truncation=error)", "longer than max_length")
+        if self.truncation == "drop":
+            return Example([], [], ex.source, ex.line), True
         excess = n - self.max_length
         first_trained = next((j for j, x in enumerate(ex.labels) if x != IGNORE), n)
-        left = min(excess, first_trained)
+        left = min(excess, max(first_trained - 1, 0))  # keep one token before the reply: it predicts the first
         ids, labels = ex.input_ids[left:], ex.labels[left:]
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return Example(ids, labels, ex.source, ex.line), True
+        return Example(ids[: self.max_length], labels[: self.max_length], ex.source, ex.line), True
 
 
 def build_examples(rows: list[Row], renderer: Renderer) -> tuple[list[Example], RenderStats]:
@@ -156,6 +213,9 @@ def build_examples(rows: list[Row], renderer: Renderer) -> tuple[list[Example], 
     out = []
     for row in rows:
         ex, cut = renderer.truncate(renderer.render(row))
+        if cut and not ex.input_ids:
+            stats.dropped[f"longer than max_length={renderer.max_length}"] += 1
+            continue
         stats.truncated += cut
         if ex.n_trained == 0:
             # Nothing to learn from: passing it on would add a zero-token term to the loss.

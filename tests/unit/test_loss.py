@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from sftkit.data.packing import pad_collate
 from sftkit.data.render import IGNORE, Renderer, build_examples
-from sftkit.data.sources import normalise
+from sftkit.data.sources import Normaliser
 from sftkit.loss import token_loss
 
 from ..conftest import make_tiny_llama
@@ -19,7 +19,7 @@ def reference_loss(model, batch):
 
 def test_chunked_loss_and_grads_equal_full_logits(tokenizer, chat_rows):
     model = make_tiny_llama(tokenizer)
-    exs, _ = build_examples([normalise(r, "x", i) for i, r in enumerate(chat_rows)], Renderer(tokenizer))
+    exs, _ = build_examples([Normaliser("x")(r, i) for i, r in enumerate(chat_rows)], Renderer(tokenizer))
     batch = pad_collate(exs[:6], tokenizer.pad_token_id)
 
     # Normalised by trained tokens, as the trainer does, so gradients are on the scale training sees.

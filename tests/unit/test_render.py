@@ -1,10 +1,22 @@
-"""Exact label masks for chat templates, plain rendering and truncation."""
+"""Exact label masks for chat templates, masking modes, plain rendering and truncation."""
+
+import pytest
 
 from sftkit.data.packing import pad_collate
 from sftkit.data.render import IGNORE, Renderer, build_examples
-from sftkit.data.sources import normalise
+from sftkit.data.sources import DataError, Normaliser
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+CHAT = {"messages": [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "yo there"},
+    {"role": "user", "content": "more please"},
+    {"role": "assistant", "content": "ok, here"},
+]}
+
+
+def row(obj, line=1, **kw):
+    return Normaliser("data.jsonl", **kw)(obj, line)
 
 
 def pieces_to_expected(tok, pieces):
@@ -17,28 +29,44 @@ def pieces_to_expected(tok, pieces):
     return ids, labels
 
 
-def test_multi_turn_chat_trains_every_assistant_reply_and_its_end_token(tokenizer):
-    row = normalise({"messages": [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "yo there"},
-        {"role": "user", "content": "more please"},
-        {"role": "assistant", "content": "ok, here"},
-    ]}, "chat.jsonl", 1)
-    ex = Renderer(tokenizer).render(row)
-    ids, labels = pieces_to_expected(tokenizer, [
+def chat_pieces(first_trained, second_trained):
+    return [
         (SYSTEM + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False),
-        ("yo there<|im_end|>", True),
+        ("yo there<|im_end|>", first_trained),
         ("\n<|im_start|>user\nmore please<|im_end|>\n<|im_start|>assistant\n", False),
-        ("ok, here<|im_end|>", True),
+        ("ok, here<|im_end|>", second_trained),
         ("\n", False),
-    ])
+    ]
+
+
+def test_multi_turn_chat_trains_every_assistant_reply_and_its_end_token(tokenizer):
+    ex = Renderer(tokenizer).render(row(CHAT))
+    ids, labels = pieces_to_expected(tokenizer, chat_pieces(True, True))
     assert ex.input_ids == ids
     assert ex.labels == labels
 
 
+@pytest.mark.parametrize("mask", ["last_assistant", "completion"])
+def test_last_assistant_mask_trains_only_the_final_reply(tokenizer, mask):
+    ex = Renderer(tokenizer, mask=mask).render(row(CHAT))
+    assert ex.labels == pieces_to_expected(tokenizer, chat_pieces(False, True))[1]
+
+
+def test_mask_none_trains_every_token(tokenizer):
+    ex = Renderer(tokenizer, mask="none").render(row(CHAT))
+    assert ex.labels == ex.input_ids
+
+
+def test_prompt_completion_with_message_lists_trains_the_completion_part(tokenizer):
+    r = row({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo there"},
+                        {"role": "user", "content": "more please"}],
+             "completion": [{"role": "assistant", "content": "ok, here"}]})
+    ex = Renderer(tokenizer).render(r)
+    assert (ex.input_ids, ex.labels) == pieces_to_expected(tokenizer, chat_pieces(False, True))
+
+
 def test_no_duplicated_bos(tokenizer):
-    row = normalise({"prompt": "a", "completion": "b"}, "x.jsonl", 1)
-    ex = Renderer(tokenizer).render(row)
+    ex = Renderer(tokenizer).render(row({"prompt": "a", "completion": "b"}))
     assert ex.input_ids[0] == tokenizer.bos_token_id
     assert ex.input_ids[1] != tokenizer.bos_token_id
     assert tokenizer.decode(ex.input_ids).startswith("<|im_start|>system")
@@ -46,49 +74,81 @@ def test_no_duplicated_bos(tokenizer):
 
 def test_end_of_turn_stays_trained_when_pad_equals_eos(tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the case that breaks naive collators
-    r = Renderer(tokenizer)
-    rows = [normalise({"prompt": "hi", "completion": "a"}, "x", 1),
-            normalise({"prompt": "hello there, how are you", "completion": "fine thanks"}, "x", 2)]
-    exs, _ = build_examples(rows, r)
+    rows = [row({"prompt": "hi", "completion": "a"}), row({"prompt": "hello there, how are you", "completion": "fine"})]
+    exs, _ = build_examples(rows, Renderer(tokenizer))
     batch = pad_collate(exs, tokenizer.pad_token_id)
     short = batch["labels"][0]
     n = len(exs[0].input_ids)
-    trained = short[short != IGNORE].tolist()
-    assert trained == tokenizer("a<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert short[short != IGNORE].tolist() == tokenizer("a<|im_end|>", add_special_tokens=False)["input_ids"]
     assert (short[n:] == IGNORE).all()  # padding (the same id as eos) is not trained
     assert batch["attention_mask"][0, n:].sum() == 0
 
 
-def test_system_message_from_config_and_row(tokenizer):
-    row = normalise({"prompt": "q", "completion": "a"}, "x", 1, system="Be brief.")
-    text = tokenizer.decode(Renderer(tokenizer).render(row).input_ids)
+def test_system_message_from_config(tokenizer):
+    text = tokenizer.decode(Renderer(tokenizer).render(row({"prompt": "q", "completion": "a"}, system="Be brief.")).input_ids)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
 def test_plain_template_is_prompt_completion_eos(tokenizer):
-    row = normalise({"prompt": "Q: 2+2? A:", "completion": " 4"}, "x", 1)
-    ex = Renderer(tokenizer, template="plain").render(row)
+    ex = Renderer(tokenizer, template="plain").render(row({"prompt": "Q: 2+2? A:", "completion": " 4"}))
     p = tokenizer("Q: 2+2? A:", add_special_tokens=False)["input_ids"]
     c = tokenizer(" 4", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert ex.input_ids == p + c
     assert ex.labels == [IGNORE] * len(p) + c
 
 
+def test_text_rows_train_every_token_and_end_with_eos(tokenizer):
+    ex = Renderer(tokenizer).render(row({"text": "Once upon a time."}))
+    assert ex.input_ids == tokenizer("Once upon a time.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ex.labels == ex.input_ids
+
+
+def test_builtin_alpaca_template_trains_response_and_eos(tokenizer):
+    r = row({"instruction": "Add 2 and 2.", "input": "", "output": "4"})
+    ex = Renderer(tokenizer, template="alpaca").render(r)
+    head = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\nAdd 2 and 2.\n\n### Response:\n")
+    ids, labels = pieces_to_expected(tokenizer, [(head, False), ("4<|im_end|>", True), ("\n\n", False)])
+    assert (ex.input_ids, ex.labels) == (ids, labels)
+
+
+def test_jinja_template_file(tokenizer, tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    ex = Renderer(tokenizer, template=str(path)).render(row({"prompt": "q", "completion": "a"}))
+    assert (ex.input_ids, ex.labels) == pieces_to_expected(tokenizer, [("[user]q[assistant]", False), ("a<|im_end|>", True)])
+
+
+def test_template_that_is_not_prefix_consistent_is_reported_with_row(tokenizer, tmp_path):
+    # Renders earlier turns differently once a later turn exists (as some "thinking" templates do).
+    path = tmp_path / "bad.jinja"
+    path.write_text("{% for m in messages %}{% if loop.last %}<{{ m['content'] }}>{% else %}{{ m['content'] }}{% endif %}"
+                    "{% endfor %}{% if add_generation_prompt %}:{% endif %}")
+    with pytest.raises(DataError, match=r"data.jsonl:3: messages\[1\]: the chat template .*bad.jinja.* prefix-consistent"):
+        Renderer(tokenizer, template=str(path)).render(row({"prompt": "q", "completion": "a"}, line=3))
+
+
 def test_truncation_cuts_prompt_from_left_before_reply(tokenizer):
-    row = normalise({"prompt": "word " * 50, "completion": "short answer"}, "x", 1)
     r = Renderer(tokenizer, max_length=20)
-    full = r.render(row)
+    full = r.render(row({"prompt": "word " * 50, "completion": "short answer"}))
     ex, cut = r.truncate(full)
     assert cut and len(ex.input_ids) == 20
     assert ex.input_ids == full.input_ids[-20:]
     assert ex.n_trained == full.n_trained  # the reply survives whole
 
 
+def test_truncation_drop_and_error(tokenizer):
+    long = row({"prompt": "word " * 50, "completion": "x"}, line=7)
+    exs, stats = build_examples([long, row({"prompt": "q", "completion": "a"})], Renderer(tokenizer, max_length=40, truncation="drop"))
+    assert len(exs) == 1 and stats.dropped["longer than max_length=40"] == 1
+    with pytest.raises(DataError, match=r"data.jsonl:7: \d+ tokens, longer than data.max_length=20"):
+        build_examples([long], Renderer(tokenizer, max_length=20, truncation="error"))
+
+
 def test_sample_left_without_trained_tokens_is_dropped_and_counted(tokenizer):
     # Cut to one token: that token is a reply token, but the first token is never predicted,
     # so nothing is left for the loss.
-    rows = [normalise({"prompt": "p", "completion": "fine"}, "x", 1)]
-    r = Renderer(tokenizer, max_length=1)
-    exs, stats = build_examples(rows, r)
+    exs, stats = build_examples([row({"prompt": "p", "completion": "fine"})], Renderer(tokenizer, max_length=1))
     assert exs == [] and stats.dropped["no trained token left after truncation"] == 1
     assert "1 no trained token left after truncation" in stats.summary("train")

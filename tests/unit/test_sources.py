@@ -1,0 +1,134 @@
+"""Every format and source normalises to the same rows; every kind of bad input is named or counted."""
+
+import json
+
+import pytest
+
+from sftkit.config import load_config
+from sftkit.data import read
+from sftkit.data.sources import DataError, ReadStats, load_rows, mix, split_eval
+
+from ..conftest import write_jsonl
+
+PAIR = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize("obj,kind", [
+    ({"messages": PAIR}, "messages"),
+    ({"prompt": "q", "completion": "a"}, "prompt_completion"),
+    ({"prompt": PAIR[:1], "completion": PAIR[1:]}, "prompt_completion"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt"),
+    ({"instruction": "q", "output": "a"}, "alpaca"),
+])
+def test_formats_normalise_to_the_same_messages(tmp_path, obj, kind):
+    (r,) = load_rows(str(write_jsonl(tmp_path / "d.jsonl", [obj])))
+    assert r.messages == PAIR and r.kind == kind
+
+
+def test_alpaca_input_is_appended_and_columns_map_dolly(tmp_path):
+    p = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Summarise.", "context": "Long text.", "response": "Short."}])
+    (r,) = load_rows(str(p), "alpaca", {"input": "context", "output": "response"})
+    assert r.messages == [{"role": "user", "content": "Summarise.\n\nLong text."}, {"role": "assistant", "content": "Short."}]
+
+
+def test_text_format(tmp_path):
+    (r,) = load_rows(str(write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])))
+    assert r.kind == "text" and r.text == "hello world"
+
+
+def test_csv_json_parquet_and_saved_dataset(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2"}]
+    (tmp_path / "d.csv").write_text("prompt,completion\nq1,a1\nq2,a2\n")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for src in ("d.csv", "d.json", "d.parquet", "saved"):
+        got = load_rows(str(tmp_path / src))
+        assert [r.messages[1]["content"] for r in got] == ["a1", "a2"], src
+    assert [r.line for r in load_rows(str(tmp_path / "d.csv"))] == [2, 3]  # real file lines
+
+
+def test_hub_dataset_offline_gives_clear_error(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # The libraries read these at import; set them where they are looked up (no network waits).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="loading it as a Hugging Face hub dataset failed"):
+        load_rows("some-org/some-dataset")
+
+
+BAD = [
+    # (line content, expected message, reason counted under on_error=skip)
+    ('{"prompt": "q", "completion": "a"', r"d.jsonl:2: malformed JSON", "malformed JSON"),
+    ('{"prompt": 3, "completion": "a"}', r"d.jsonl:2: prompt: expected a string or a list of messages, got int", "wrong type"),
+    ('{"prompt": "q"}', r"d.jsonl:2: completion: missing field", "missing field"),
+    ('{"prompt": "q", "completion": "  "}', r"d.jsonl:2: completion: empty reply", "empty reply"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}',
+     r"d.jsonl:2: messages\[1\].content: empty reply", "empty reply"),
+    ('{"messages": [{"role": "robot", "content": "q"}]}', r"d.jsonl:2: messages\[0\].role: unknown role 'robot'", "unknown role"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+     r"d.jsonl:2: messages\[1\].role: two user turns in a row", "two user turns in a row"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}',
+     r"d.jsonl:2: messages\[1\].role: system message must come first", "system not first"),
+    ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}',
+     r"d.jsonl:2: messages\[0\].content: expected a string, got int", "wrong type"),
+    ('{"conversations": [{"from": "alien", "value": "q"}]}', r"d.jsonl:2: conversations\[0\].from: unknown role 'alien'", "unknown role"),
+    ('{"foo": 1}', r"d.jsonl:2: cannot tell the format", "unknown format"),
+]
+
+
+@pytest.mark.parametrize("bad,message,reason", BAD)
+def test_bad_row_stops_with_file_line_field_or_is_skipped_and_counted(tmp_path, bad, message, reason):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "q", "completion": "a"}\n' + bad + '\n{"prompt": "q2", "completion": "a2"}\n')
+    with pytest.raises(DataError, match=message):
+        load_rows(str(p))
+    stats = ReadStats()
+    rows = load_rows(str(p), on_error="skip", stats=stats)
+    assert len(rows) == 2 and stats.rows == 3 and stats.skipped == {reason: 1}
+
+
+def test_non_utf8_bytes(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"prompt": "q", "completion": "a"}\n{"prompt": "\xff", "completion": "a"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid UTF-8"):
+        load_rows(str(p))
+    stats = ReadStats()
+    assert len(load_rows(str(p), on_error="skip", stats=stats)) == 1 and stats.skipped == {"not valid UTF-8": 1}
+
+
+def test_empty_file_and_missing_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"e.jsonl: empty file"):
+        load_rows(str(tmp_path / "e.jsonl"), on_error="skip")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"blank.jsonl: empty file"):
+        load_rows(str(tmp_path / "blank.jsonl"))
+    with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_column_mapping_naming_a_missing_column(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "response": "a"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: data.columns names columns the data does not have: output: answer"):
+        load_rows(str(p), "alpaca", {"output": "answer"}, on_error="skip")
+
+
+def test_weighted_mix_and_eval_fraction_are_deterministic(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(10)])
+    cfg = load_config(None, {"data.train": [{"path": str(a), "weight": 2}, {"path": str(b), "weight": 0.5}],
+                             "data.eval_fraction": 0.2})
+    train, held, _ = read(cfg.data, seed=1)
+    train2, held2, _ = read(cfg.data, seed=1)
+    assert len(train) + len(held) == 25 and len(held) == 5
+    assert [r.messages[0]["content"] for r in held] == [r.messages[0]["content"] for r in held2]
+    sources = [r.messages[0]["content"][0] for r in train + held]
+    assert sources.count("a") == 20 and sources.count("b") == 5
+    assert mix([(train[:3], 1.0)], 0) == train[:3]
+    assert split_eval(train, 0.5, 3) == split_eval(train, 0.5, 3)
