@@ -44,3 +44,51 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a `.tmp` directory is an interrupted save and is ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp")
+                  and (p / "meta.json").is_file())
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    """Restore trainable weights, optimizer, scheduler and RNG states; return the checkpoint's meta."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    missing = set(trainable_state(model)) - set(weights)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    model.load_state_dict(weights, strict=False)
+    state = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return read_meta(path)
+
+
+def prune(run_dir: Path, keep: int, best_step: int | None) -> None:
+    """Keep the newest `keep` checkpoints and the best one; remove the rest."""
+    ckpts = complete_checkpoints(run_dir)
+    keep_set = set(ckpts[-keep:]) if keep > 0 else set()
+    for p in ckpts:
+        if p not in keep_set and read_meta(p)["step"] != best_step:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def size_estimate(model: torch.nn.Module) -> int:
+    """Bytes one checkpoint takes: trainable weights plus AdamW's two moments, all fp32."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3

@@ -13,7 +13,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, overwrite=args.overwrite)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other: pick one")
+    result = train(cfg, overwrite=args.overwrite, resume=args.resume)
     print(f"done: {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
     if result.scores:
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=200 peft.r=32")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
     t.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("data", help="look at the data as training will see it")
@@ -99,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"sftkit: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .trainer import TrainingError
+
+        if not isinstance(e, TrainingError):
+            raise
+        print(f"sftkit: training stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

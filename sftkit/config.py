@@ -45,11 +45,14 @@ class DataConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = "lora"  # lora | full
+    method: str = "lora"  # lora | qlora (4-bit NF4 base + LoRA) | full | freeze (train only peft.trainable)
     r: int = 16  # LoRA rank
-    alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
+    alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # LoRA dropout
     target_modules: list[str] | str = "all-linear"  # module names to adapt, or all-linear
+    rslora: bool = False  # rank-stabilised LoRA scaling
+    dora: bool = False  # weight-decomposed LoRA (DoRA)
+    trainable: list[str] = field(default_factory=list)  # freeze: last:N (decoder layers), lm_head, embeddings, or name globs
 
 
 @dataclass
@@ -60,13 +63,19 @@ class TrainConfig:
     max_steps: int = -1  # optimizer steps; -1 = as many as `epochs` gives
     epochs: float = 1.0  # passes over the training data when max_steps is -1
     seed: int = 42  # seeds data order, LoRA init and dropout
-    warmup_steps: int = 0  # linear warmup steps before the cosine decay
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | linear | constant, after the warmup
+    warmup_steps: int = 0  # linear warmup steps
+    warmup_ratio: float = 0.0  # warmup as a fraction of all steps (used when warmup_steps is 0)
+    min_lr_ratio: float = 0.0  # cosine and linear decay to lr * min_lr_ratio
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping norm; 0 disables clipping
     eval_every: int = 0  # optimizer steps between eval-loss passes; 0 = only at the end
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = none until the end
-    log_every: int = 1  # optimizer steps between progress-bar refreshes
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = none (no resume possible)
+    keep: int = 2  # checkpoints kept: the last `keep` plus the best by eval loss
+    patience: int = 0  # early stopping: evals without improvement before stopping; 0 = off
+    min_delta: float = 0.0  # early stopping: smallest eval-loss drop that counts as improvement
+    max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run stops
+    checkpointing: bool = False  # gradient checkpointing: less memory, about a third more compute
 
 
 @dataclass
@@ -80,12 +89,19 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard
+    mlflow: str | None = None  # MLflow tracking URI, e.g. sqlite:///mlflow.db; unset = no MLflow
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final model
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +125,29 @@ def _dataclass_type(f: dataclasses.Field) -> type | None:
     return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
 
 
-_SECTIONS = {"model", "data", "peft", "train", "eval"}
+_SECTIONS = {"model", "data", "peft", "train", "eval", "log"}
+# Keys that may change between a checkpoint and --resume: they do not alter the steps already taken.
+RESUME_SAFE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
+               "train.keep", "train.patience", "train.min_delta", "train.max_bad_steps", "output_dir"}
+RESUME_SAFE_SECTIONS = ("eval.", "log.")
+
+
+def resume_conflicts(saved: dict[str, Any], current: Config) -> list[str]:
+    """Keys whose change would make a resumed run differ from the run that wrote the checkpoint."""
+    now = _flatten_all(current.to_dict())
+    before = _flatten_all(saved)
+    return [k for k in sorted(set(now) | set(before))
+            if now.get(k) != before.get(k) and k not in RESUME_SAFE and not k.startswith(RESUME_SAFE_SECTIONS)]
+
+
+def _flatten_all(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix and k in _SECTIONS:
+            out.update(_flatten_all(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -211,17 +249,6 @@ def _set(cfg: Config, key: str, value: Any) -> None:
                 raise _unknown_key(key)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and not prefix and k in _SECTIONS:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["train.lr=1e-4", "peft.r=32"]` -> {"train.lr": 1e-4, "peft.r": 32} (values parsed as YAML)."""
     out: dict[str, Any] = {}
@@ -247,7 +274,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
-        values.update(_flatten(raw))
+        values.update(_flatten_all(raw))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     values.update(overrides or {})

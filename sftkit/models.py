@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 import shutil
@@ -126,14 +127,57 @@ def pick_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def load_model(name: str, dtype: str = "auto", revision: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(name: str, dtype: str = "auto", revision: str | None = None,
+               load_in_4bit: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = resolve(name)
     tok = load_tokenizer(name)
+    kwargs = {}
+    if load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("peft.method=qlora needs bitsandbytes (>= 0.50 runs on CPU too): pip install bitsandbytes") from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=pick_dtype(dtype),
+            bnb_4bit_use_double_quant=True,
+        )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype), revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype), revision=revision, **kwargs)
     except OSError as e:
         raise _hub_error(name, e) from None
     return model, tok
+
+
+def _freeze_selection(model: PreTrainedModel, entries: list[str]) -> set[str]:
+    """Parameter names selected by peft.trainable entries; an entry that selects nothing is an error."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    selected: set[str] = set()
+    for entry in entries:
+        if entry.startswith("last:"):
+            try:
+                n = int(entry.split(":", 1)[1])
+            except ValueError:
+                raise ConfigError(f"peft.trainable: {entry!r}: expected last:N with N a number of layers") from None
+            if layers is None:
+                raise ConfigError(f"peft.trainable: {entry!r}: this model has no decoder layer list")
+            if not 0 < n <= len(layers):
+                raise ConfigError(f"peft.trainable: {entry!r}: the model has {len(layers)} decoder layers")
+            got = {names[id(p)] for layer in list(layers)[-n:] for p in layer.parameters()}
+        elif entry == "lm_head":
+            got = {names[id(p)] for p in model.get_output_embeddings().parameters()}
+        elif entry == "embeddings":
+            got = {names[id(p)] for p in model.get_input_embeddings().parameters()}
+        else:
+            got = {n for n in names.values() if fnmatch.fnmatchcase(n, entry)}
+        if not got:
+            example = next(iter(names.values()))
+            raise ConfigError(f"peft.trainable: {entry!r} selects no parameter (names look like {example!r}; "
+                              "use last:N, lm_head, embeddings or a glob such as '*.mlp.*')")
+        selected |= got
+    return selected
 
 
 def apply_method(model: PreTrainedModel, cfg: PeftConfig) -> PreTrainedModel:
@@ -142,21 +186,34 @@ def apply_method(model: PreTrainedModel, cfg: PeftConfig) -> PreTrainedModel:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if cfg.method == "lora":
+    if cfg.method == "freeze":
+        if not cfg.trainable:
+            raise ConfigError("peft.method=freeze needs peft.trainable, e.g. [last:2, lm_head] or ['*.mlp.*']")
+        selected = _freeze_selection(model, cfg.trainable)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in selected)
+        return model
+    if cfg.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
+        if cfg.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         lora = LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
             target_modules=cfg.target_modules,
+            use_rslora=cfg.rslora,
+            use_dora=cfg.dora,
             task_type="CAUSAL_LM",
         )
         try:
             return get_peft_model(model, lora)
         except ValueError as e:
             raise ConfigError(f"peft.target_modules={cfg.target_modules!r}: {e}") from None
-    raise ConfigError(f"peft.method: {cfg.method!r} is not one of lora, full")
+    raise ConfigError(f"peft.method: {cfg.method!r} is not one of lora, qlora, full, freeze")
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -17,7 +19,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError, resume_conflicts, save_config
 from .data import prepare, renderer_for
 from .data.packing import pad_collate, step_indices
 from .data.render import IGNORE, Example, Renderer
@@ -26,6 +28,11 @@ from .evaluate import score
 from .generate import generate
 from .loss import token_loss
 from .models import apply_method, count_parameters, load_model
+from .report import MetricsLog, plot_loss
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to change."""
 
 
 def log(msg: str) -> None:
@@ -40,31 +47,41 @@ class RunResult:
     eval_loss: float | None = None
     scores: dict[str, float] = field(default_factory=dict)  # "base"/"tuned" -> metric value
     seconds: float = 0.0
+    stopped: str = "completed"  # completed | early stopping | signal
     model: torch.nn.Module | None = None  # the final in-memory model (merged for LoRA)
 
 
-def prepare_run_dir(path: str, overwrite: bool) -> Path:
-    """A run directory that holds a run is never reused unless the user says --overwrite."""
+def prepare_run_dir(path: str, overwrite: bool, resume: bool) -> Path:
+    """A run directory that holds a run is never reused unless the user says --overwrite or --resume."""
     out = Path(path)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"output_dir {out} already holds a run; pass --overwrite to replace it "
-                "or choose another output_dir"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.exists() and any(out.iterdir()) and not resume:
+            if not overwrite:
+                raise ConfigError(f"output_dir {out} already holds a run; pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose another output_dir")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {out} is not writable: {e.strerror or e}") from None
     return out
 
 
-def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
-    """Linear warmup, then cosine decay to min_ratio; a factor on the peak lr for step s (0-based)."""
+def lr_lambda(total_steps: int, warmup: int, schedule: str, min_ratio: float):
+    """A factor on the peak lr for step s (0-based): linear warmup, then the schedule's decay."""
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"train.schedule: {schedule!r} is not one of cosine, linear, constant")
 
     def f(s: int) -> float:
         if s < warmup:
             return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         progress = min(1.0, (s - warmup) / max(1, total_steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
 
     return f
 
@@ -110,18 +127,75 @@ def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, l
     return score(preds, refs, cfg.eval.metric), preds
 
 
-def train(cfg: Config, overwrite: bool = False) -> RunResult:
+class StopRequest:
+    """SIGINT/SIGTERM: the first asks the loop to stop after the current step; a second exits at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals to the caller
+                pass
+        return self
+
+    def _handle(self, sig, frame):
+        if self.signal is not None:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            return
+        self.signal = sig
+        log(f"{signal.Signals(sig).name}: finishing this step and saving a checkpoint (send again to quit at once)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _oom_advice(cfg: Config) -> str:
+    return (f"out of memory at batch_size={cfg.train.batch_size}, data.max_length={cfg.data.max_length}, "
+            f"peft.method={cfg.peft.method}. To use less: lower train.batch_size (raise train.grad_accum to keep "
+            "the same batch), lower data.max_length, set train.checkpointing=true, or use peft.method=qlora")
+
+
+def _check_disk(run_dir: Path, model: torch.nn.Module, cfg: Config) -> None:
+    """Fail before training when the checkpoints and final model cannot fit on the disk."""
+    per_ckpt = checkpoint.size_estimate(model)
+    n_ckpt = (cfg.train.keep + 1) if cfg.train.save_every else 0
+    final = sum(p.numel() * p.element_size() for p in model.parameters()) * (2 if cfg.peft.method == "lora" else 1)
+    need = per_ckpt * (n_ckpt + 1) + final  # +1: a checkpoint is written aside before the old one goes
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(f"not enough disk space in {run_dir}: about {need / 2**20:.0f} MiB needed for checkpoints "
+                          f"and the final model, {free / 2**20:.0f} MiB free; free space, lower train.keep, or "
+                          "choose another output_dir")
+
+
+def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResult:
     t_start = time.time()
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
-    run_dir = prepare_run_dir(cfg.output_dir, overwrite)
+    run_dir = prepare_run_dir(cfg.output_dir, overwrite, resume)
+    start_ckpt = None
+    if resume:
+        ckpts = checkpoint.complete_checkpoints(run_dir)
+        if not ckpts:
+            raise ConfigError(f"--resume: {run_dir} holds no complete checkpoint (set train.save_every to write them)")
+        start_ckpt = ckpts[-1]
+        conflicts = resume_conflicts(checkpoint.read_meta(start_ckpt)["config"], cfg)
+        if conflicts:
+            raise ConfigError(f"--resume: the config changed in a way that would change the run: {', '.join(conflicts)} "
+                              f"differ from {start_ckpt}; restore them, or start a new run in another output_dir")
     save_config(cfg, run_dir / "config.yaml")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
 
     # Model and data.
     log(f"loading model {cfg.model.name}")
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.peft.method == "qlora")
     renderer = renderer_for(cfg.data, tok)
     data = prepare(cfg.data, cfg.train.seed, renderer)
     for line in data.summary():
@@ -134,101 +208,189 @@ def train(cfg: Config, overwrite: bool = False) -> RunResult:
 
     result = RunResult(run_dir=run_dir, steps=0, final_loss=float("nan"))
     device = accelerator.device
-    model.to(device)
-    if cfg.eval.generate and cfg.eval.compare_base:
+    if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
+        model.to(device)
+    if cfg.eval.generate and cfg.eval.compare_base and start_ckpt is None:
         result.scores["base"], _ = generation_scores(model, renderer, eval_rows, cfg, "base model")
-        log(f"base model {cfg.eval.metric} on {cfg.data.eval}: {result.scores['base']:.3f}")
+        log(f"base model {cfg.eval.metric} on the held-out rows: {result.scores['base']:.3f}")
 
     # Method and optimiser. Seeding right before wrapping makes the LoRA init reproducible.
     torch.manual_seed(cfg.train.seed)
     model = apply_method(model, cfg.peft)
+    if cfg.train.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+    _check_disk(run_dir, model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     total_steps = total_steps_for(cfg, len(train_ex))
+    warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
-    )
+        optimizer, lr_lambda(total_steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+
+    # Where the run stands: restored from the checkpoint on --resume.
+    state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "bad_steps": 0}
+    if start_ckpt is not None:
+        meta = checkpoint.load(start_ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        state.update(meta["state"])
+        log(f"resuming from {start_ckpt} at step {state['step']}")
+    metrics = MetricsLog(run_dir, cfg, state["step"], accelerator.is_main_process)
+
     pad_id = tok.pad_token_id
     bs, ga = cfg.train.batch_size, cfg.train.grad_accum
     world = accelerator.num_processes
     log(f"{total_steps} optimizer steps of {bs} x {ga} samples; run directory {run_dir}")
 
-    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-    bar = tqdm(total=total_steps, desc="train", file=sys.stderr, dynamic_ncols=True)
-    t_loop = time.time()
-    seen_tokens = 0
-    for step in range(total_steps):
-        t0 = time.time()
-        idx = step_indices(len(train_ex), cfg.train.seed, step, bs * ga)
-        micro = [pad_collate([train_ex[i] for i in idx[k * bs : (k + 1) * bs]], pad_id) for k in range(ga)]
-        # Normalise by the trained tokens of the whole optimizer step on every process, so a
-        # token weighs the same whatever micro-batch or rank it lands in.
-        local_tokens = sum(trained_tokens(mb) for mb in micro)
-        step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=device), "sum"))
-        loss_sum = 0.0
-        for k, mb in enumerate(micro):
-            sync = nullcontext() if k == ga - 1 else accelerator.no_sync(model)
-            with sync:
-                sums = token_loss(model, {key: v.to(device) for key, v in mb.items()})
-                # DDP averages gradients over ranks; multiplying by the world size turns that into a sum.
-                accelerator.backward(sums.loss * world / step_tokens)
-            loss_sum += float(sums.loss.detach())
-        loss = float(accelerator.reduce(torch.tensor(loss_sum, device=device), "sum")) / step_tokens
-        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    def save_checkpoint() -> None:
+        if not accelerator.is_main_process:
+            return
+        try:
+            checkpoint.save(run_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
+                            {"config": cfg.to_dict(), "state": dict(state)})
+        except OSError as e:
+            last = checkpoint.complete_checkpoints(run_dir)
+            raise TrainingError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
+                                + (f"the last complete checkpoint {last[-1]} is intact" if last else "no checkpoint")
+                                ) from None
+        checkpoint.prune(run_dir, cfg.train.keep, state["best_step"])
 
-        n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
-        seen_tokens += n_tokens
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": step_tokens,
-                  "tokens": n_tokens, "step_seconds": round(time.time() - t0, 4)}
-        last = step + 1 == total_steps
-        if eval_ex and ((cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or last):
-            record.update(eval_loss(model, eval_ex, bs, pad_id, device))
-            result.eval_loss = record["eval_loss"]
-        if accelerator.is_main_process:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and not last:
-                checkpoint.save(run_dir, step + 1, accelerator.unwrap_model(model), optimizer, scheduler,
-                                {"config": cfg.to_dict()})
-        tps = seen_tokens / (time.time() - t_loop)
-        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:.0f}"}
-        if "eval_loss" in record:
-            postfix["eval"] = f"{record['eval_loss']:.4f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        result.steps, result.final_loss = step + 1, loss
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", file=sys.stderr, dynamic_ncols=True)
+    t_loop, seen_tokens = time.time(), 0
+    with StopRequest() as stop:
+        while state["step"] < total_steps:
+            step = state["step"]
+            t0 = time.time()
+            idx = step_indices(len(train_ex), cfg.train.seed, step, bs * ga)
+            micro = [pad_collate([train_ex[i] for i in idx[k * bs : (k + 1) * bs]], pad_id) for k in range(ga)]
+            # Normalise by the trained tokens of the whole optimizer step on every process, so a
+            # token weighs the same whatever micro-batch or rank it lands in.
+            local_tokens = sum(trained_tokens(mb) for mb in micro)
+            step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=device), "sum"))
+            loss_sum = 0.0
+            try:
+                for k, mb in enumerate(micro):
+                    sync = nullcontext() if k == ga - 1 else accelerator.no_sync(model)
+                    with sync:
+                        sums = token_loss(model, {key: v.to(device) for key, v in mb.items()})
+                        # DDP averages gradients over ranks; multiplying by the world size makes it a sum.
+                        accelerator.backward(sums.loss * world / step_tokens)
+                    loss_sum += float(sums.loss.detach())
+            except torch.OutOfMemoryError:
+                raise TrainingError(_oom_advice(cfg)) from None
+            except RuntimeError as e:
+                if "out of memory" in str(e) or "can't allocate memory" in str(e):
+                    raise TrainingError(_oom_advice(cfg)) from None
+                raise
+            loss = float(accelerator.reduce(torch.tensor(loss_sum, device=device), "sum")) / step_tokens
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+            lr = scheduler.get_last_lr()[0]
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": step_tokens}
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+                state["bad_steps"] = 0
+            else:
+                # Never let a NaN/inf reach the weights, and never report it as a number.
+                state["bad_steps"] += 1
+                record.update(loss=None, grad_norm=None, skipped="non-finite loss or gradient")
+                log(f"step {step + 1}: non-finite loss or gradient, update skipped "
+                    f"({state['bad_steps']} in a row, limit train.max_bad_steps={cfg.train.max_bad_steps})")
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            if state["bad_steps"] > cfg.train.max_bad_steps:
+                metrics.write(record)
+                raise TrainingError(f"{state['bad_steps']} consecutive steps with a non-finite loss or gradient "
+                                    f"(last at step {step + 1}); lower train.lr, check the data, or keep "
+                                    "train.max_grad_norm on")
+
+            n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            seen_tokens += n_tokens
+            record.update(tokens=n_tokens, step_seconds=round(time.time() - t0, 4))
+            last = state["step"] == total_steps
+            improved = False
+            if eval_ex and ((cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last):
+                record.update(eval_loss(model, eval_ex, bs, pad_id, device))
+                result.eval_loss = record["eval_loss"]
+                best = state["best_eval"]
+                if best is None or record["eval_loss"] < best - cfg.train.min_delta:
+                    state.update(best_eval=record["eval_loss"], best_step=state["step"], bad_evals=0)
+                    improved = True
+                else:
+                    state["bad_evals"] += 1
+            metrics.write(record)
+            early = cfg.train.patience > 0 and state["bad_evals"] >= cfg.train.patience
+            periodic = cfg.train.save_every and state["step"] % cfg.train.save_every == 0
+            if cfg.train.save_every and not last and (periodic or stop.signal or early or (improved and cfg.train.keep)):
+                save_checkpoint()
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{seen_tokens / (time.time() - t_loop):.0f}"}
+            if "eval_loss" in record:
+                postfix["eval"] = f"{record['eval_loss']:.4f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            result.steps, result.final_loss = state["step"], loss
+            if stop.signal is not None and not last:
+                bar.close()
+                metrics.close()
+                where = f"a checkpoint at step {state['step']}" if cfg.train.save_every else "no checkpoint (train.save_every=0)"
+                log(f"stopped by {signal.Signals(stop.signal).name} after step {state['step']}, wrote {where}; "
+                    f"continue with: sftkit train CONFIG --resume (output_dir={run_dir})")
+                result.stopped = "signal"
+                raise SystemExit(128 + stop.signal)
+            if early:
+                log(f"early stopping: eval loss has not improved by {cfg.train.min_delta} for "
+                    f"{cfg.train.patience} evals; best {state['best_eval']:.4f} at step {state['best_step']}")
+                result.stopped = "early stopping"
+                break
     bar.close()
     metrics.close()
 
-    # Final model: the adapter as peft saves it, and a merged model plain transformers loads.
     model = accelerator.unwrap_model(model)
-    final = run_dir / "final"
-    if accelerator.is_main_process:
-        if cfg.peft.method == "lora":
-            model.save_pretrained(final / "adapter")
-            tok.save_pretrained(final / "adapter")
-            model = model.merge_and_unload()
-        model.save_pretrained(final / "model")
-        tok.save_pretrained(final / "model")
-        log(f"saved {final / 'model'}" + (f" and {final / 'adapter'}" if cfg.peft.method == "lora" else ""))
+    if result.stopped == "early stopping" and state["best_step"] not in (None, state["step"]):
+        best = next(p for p in checkpoint.complete_checkpoints(run_dir)
+                    if checkpoint.read_meta(p)["step"] == state["best_step"])
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(best / "trainable.safetensors")), strict=False)
+        log(f"final model = best checkpoint {best.name} (eval loss {state['best_eval']:.4f})")
+
+    model = _save_final(model, tok, cfg, run_dir, accelerator.is_main_process)
     if cfg.eval.generate:
-        result.scores["tuned"], preds = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
-        log(f"tuned model {cfg.eval.metric} on {cfg.data.eval}: {result.scores['tuned']:.3f}")
+        result.scores["tuned"], _ = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
+        log(f"tuned model {cfg.eval.metric} on the held-out rows: {result.scores['tuned']:.3f}")
     result.seconds = time.time() - t_start
     result.model = model
     if accelerator.is_main_process:
-        summary = {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
+        plot_loss(run_dir)
+        summary = {"steps": result.steps, "stopped": result.stopped, "final_loss": result.final_loss,
+                   "eval_loss": result.eval_loss, "best_eval_loss": state["best_eval"], "best_step": state["best_step"],
                    "metric": cfg.eval.metric if cfg.eval.generate else None, "scores": result.scores,
-                   "trainable_parameters": trainable, "total_parameters": total,
+                   "method": cfg.peft.method, "trainable_parameters": trainable, "total_parameters": total,
                    "train_examples": len(train_ex), "seconds": round(result.seconds, 1)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return result
+
+
+def _save_final(model, tok, cfg: Config, run_dir: Path, main_process: bool):
+    """The adapter as peft saves it (LoRA), and a merged model plain transformers loads."""
+    final = run_dir / "final"
+    if not main_process:
+        return model
+    if cfg.peft.method in ("lora", "qlora"):
+        model.save_pretrained(final / "adapter")
+        tok.save_pretrained(final / "adapter")
+        if cfg.peft.method == "qlora":
+            # Merging into 4-bit weights would round the update away: merge into a full-precision base.
+            from .export import merge_adapter
+
+            model = merge_adapter(cfg.model.name, final / "adapter", cfg.model.dtype, cfg.model.revision)
+        else:
+            model = model.merge_and_unload()
+    model.save_pretrained(final / "model")
+    tok.save_pretrained(final / "model")
+    log(f"saved {final / 'model'}" + (f" and {final / 'adapter'}" if (final / "adapter").exists() else ""))
+    return model
