@@ -325,7 +325,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResu
             metrics.write(record)
             early = cfg.train.patience > 0 and state["bad_evals"] >= cfg.train.patience
             periodic = cfg.train.save_every and state["step"] % cfg.train.save_every == 0
-            if cfg.train.save_every and not last and (periodic or stop.signal or early or (improved and cfg.train.keep)):
+            if cfg.train.save_every and not last and (periodic or stop.signal or (improved and cfg.train.keep)):
                 save_checkpoint()
             postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{seen_tokens / (time.time() - t_loop):.0f}"}
             if "eval_loss" in record:
