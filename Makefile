@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/sftkit train configs/quickstart.yaml --overwrite
+	$(BIN)/sftkit compare smollm2-135m runs/quickstart --data examples/dates/eval.jsonl --few-shot 3 \
+	    --metrics exact_match --max-new-tokens 16 --batch-size 32
 
 test: $(STAMP)
 	$(BIN)/pytest -q tests

@@ -43,6 +43,150 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(arg: str) -> list[str]:
+    return [m.strip() for m in arg.split(",") if m.strip()]
+
+
+def _data_overrides(items: list[str]):
+    from .config import DataConfig, load_config
+
+    if not items:
+        return None
+    bad = [i for i in items if not i.startswith("data.")]
+    if bad:
+        raise ConfigError(f"--set takes data.* keys only here, got {bad[0]!r}")
+    return load_config(None, items).data if items else DataConfig()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compare import run_eval
+
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    result, _ = run_eval(args.model, args.data, _metrics(args.metrics), adapter=args.adapter,
+                         data_cfg=_data_overrides(args.set), few_shot=args.few_shot, shots_from=args.shots_from,
+                         limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         generate=not args.no_generate, sampling=sampling)
+    out = Path(args.out) if args.out else (Path(args.model) / "eval" if (Path(args.model) / "final").is_dir()
+                                           else Path("eval-" + Path(args.model).name))
+    result.write(out)
+    for k, v in result.metrics.items():
+        print(f"{k:<16} {v:.4f}")
+    if result.classification:
+        c = result.classification
+        print("\nper class: " + ", ".join(f"{k} P {v['precision']:.2f} R {v['recall']:.2f} F1 {v['f1']:.2f}"
+                                          for k, v in c["per_class"].items()))
+        print("confusion (rows = reference, columns = prediction): " + ", ".join(c["labels"]))
+        for label, row in zip(c["per_class"], c["confusion"]):
+            print(f"  {label:<14} " + " ".join(f"{x:>5}" for x in row))
+    print(f"\nwrote {out / 'eval.json'} and {out / 'predictions.jsonl'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, table
+
+    results, run_dir = compare(args.base, args.run, args.data, _metrics(args.metrics), few_shot=args.few_shot,
+                               shots_from=args.shots_from, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size)
+    print(f"\non {args.data}:")
+    print(table(results))
+    print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'compare.png'}")
+    return 0
+
+
+def _prompt_of(obj, path: str, line: int) -> list[dict[str, str]]:
+    """Input rows for generation: messages (a trailing reply is dropped) or a prompt."""
+    from .data.sources import DataError
+
+    if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+        msgs = [m for m in obj["messages"] if isinstance(m, dict)]
+        while msgs and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        if msgs and msgs[-1].get("role") == "user":
+            return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+        return [{"role": "user", "content": obj["prompt"]}]
+    elif isinstance(obj, dict) and isinstance(obj.get("prompt"), list):
+        return obj["prompt"]
+    raise DataError(f"{path}:{line}: expected `messages` ending with a user turn, or `prompt`")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from .data import renderer_for
+    from .data.sources import DataError, read_source
+    from .generate import generate, load_for_inference
+
+    model, tok, data_cfg = load_for_inference(args.model, args.adapter)
+    objs = []
+    for line, obj in read_source(args.input):
+        if isinstance(obj, DataError):
+            raise obj
+        objs.append((obj, _prompt_of(obj, args.input, line)))
+    renderer = renderer_for(data_cfg, tok)
+    with tqdm(total=len(objs), desc="generate", file=sys.stderr) as bar:
+        replies = generate(model, renderer, [p for _, p in objs], args.max_new_tokens, args.batch_size, bar.update,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for (obj, _), reply in zip(objs, replies):
+            f.write(json.dumps({**obj, "generated": reply}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(replies)} replies to {args.output}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generate import chat, load_for_inference
+
+    model, tok, data_cfg = load_for_inference(args.model, args.adapter)
+    if args.system:
+        data_cfg.system = args.system
+    chat(model, tok, data_cfg, args.max_new_tokens, args.temperature, args.top_p)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .config import load_config
+    from .export import merge_adapter
+    from .models import load_tokenizer
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"export: {run} is not a run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    adapter = run / "final" / "adapter"
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"export: {out} is not empty; pass --overwrite to replace it")
+    if not adapter.is_dir():
+        if not (run / "final" / "model").is_dir():
+            raise ConfigError(f"export: {run} has no final model (did the run finish?)")
+        shutil.copytree(run / "final" / "model", out, dirs_exist_ok=True)  # full / freeze: already a model
+        print(f"copied {run / 'final' / 'model'} to {out}")
+        return 0
+    if not args.merge:
+        shutil.copytree(adapter, out, dirs_exist_ok=True)
+        print(f"copied the adapter to {out} (add --merge for a standalone model)")
+        return 0
+    merged = merge_adapter(cfg.model.name, adapter, cfg.model.dtype, cfg.model.revision)
+    merged.save_pretrained(out)
+    if (adapter / "tokenizer_config.json").is_file():  # the run saved its tokenizer beside the adapter
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    else:
+        load_tokenizer(cfg.model.name).save_pretrained(out)
+    print(f"merged {adapter} into {cfg.model.name} -> {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import cache_dir, cached_models
 
@@ -86,6 +230,64 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--export", metavar="FILE.jsonl", help="write every kept training example's input_ids and labels")
     di.add_argument("--no-color", action="store_true", help="mark trained tokens with [[...]] even on a terminal")
     di.set_defaults(fn=cmd_data_inspect)
+
+    def gen_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("eval", help="score a model on held-out rows: loss metrics and generation metrics")
+    e.add_argument("model", help="alias, model directory, run directory, or base model with --adapter")
+    e.add_argument("--data", required=True, help="held-out rows (any format training reads)")
+    e.add_argument("--metrics", default="exact_match,token_f1,rouge_l",
+                   help="comma-separated: exact_match, exact_match_strict, exact_match_loose, token_f1, rouge_l, module:function")
+    e.add_argument("--adapter", help="a PEFT adapter directory to apply to MODEL")
+    e.add_argument("--few-shot", type=int, default=0, help="put K solved training examples in each prompt")
+    e.add_argument("--shots-from", help="rows to take few-shot examples from (default: the run's data.train)")
+    e.add_argument("--limit", type=int, default=0, help="only the first N rows")
+    e.add_argument("--no-generate", action="store_true", help="loss metrics only")
+    e.add_argument("--out", help="directory for eval.json and predictions.jsonl")
+    e.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", help="rendering settings, e.g. data.template=plain")
+    gen_opts(e)
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("compare", help="base vs tuned (vs base with few-shot) on the same rows; writes report.md")
+    c.add_argument("base", help="the model the run started from (alias or directory)")
+    c.add_argument("run", help="run directory")
+    c.add_argument("--data", required=True, help="held-out rows")
+    c.add_argument("--metrics", default="exact_match,token_f1,rouge_l")
+    c.add_argument("--few-shot", type=int, default=0, help="also score the base with K examples in the prompt")
+    c.add_argument("--shots-from", help="rows to take few-shot examples from (default: the run's data.train)")
+    c.add_argument("--limit", type=int, default=0)
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.set_defaults(fn=cmd_compare)
+
+    g = sub.add_parser("generate", help="batched replies for a JSONL of prompts")
+    g.add_argument("model", help="alias, model directory, run directory, or base model with --adapter")
+    g.add_argument("--input", required=True, help="JSONL rows with messages (ending in a user turn) or prompt")
+    g.add_argument("--output", required=True, help="JSONL: each input row plus `generated`")
+    g.add_argument("--adapter")
+    gen_opts(g)
+    g.set_defaults(fn=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens")
+    ch.add_argument("model", help="alias, model directory, run directory, or base model with --adapter")
+    ch.add_argument("--adapter")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.set_defaults(fn=cmd_chat)
+
+    x = sub.add_parser("export", help="save a run's model as a Hugging Face directory (--merge: adapter merged in)")
+    x.add_argument("run", help="run directory")
+    x.add_argument("--out", required=True)
+    x.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(fn=cmd_export)
 
     m = sub.add_parser("models", help="list model aliases and what is cached")
     m.set_defaults(fn=cmd_models)

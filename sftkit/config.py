@@ -127,7 +127,7 @@ def _dataclass_type(f: dataclasses.Field) -> type | None:
 
 _SECTIONS = {"model", "data", "peft", "train", "eval", "log"}
 # Keys that may change between a checkpoint and --resume: they do not alter the steps already taken.
-RESUME_SAFE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
+RESUME_SAFE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
                "train.keep", "train.patience", "train.min_delta", "train.max_bad_steps", "output_dir"}
 RESUME_SAFE_SECTIONS = ("eval.", "log.")
 
@@ -160,7 +160,7 @@ _PEER_NAMES = {
     "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "num_epochs": "epochs",
     "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
     "max_seq_length": "max_length", "sequence_len": "max_length", "cutoff_len": "max_length",
-    "eval_steps": "eval_every", "save_steps": "save_every", "logging_steps": "log_every",
+    "eval_steps": "eval_every", "save_steps": "save_every",
     "warmup": "warmup_steps", "output": "output_dir", "model_name": "name",
 }
 

@@ -1,26 +1,51 @@
-"""Metrics as plain functions, and generation-based scoring of a model on held-out rows."""
+"""Metrics as plain functions, and the evaluation of one model on held-out rows.
+
+Loss-based metrics use the same rendering and masks as training; generation-based metrics
+score a greedy (or sampled) reply against the reference reply.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import math
 import re
 import string
+import sys
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
-def normalise_text(s: str) -> str:
-    """Lower-case, no surrounding whitespace, inner whitespace collapsed."""
-    return re.sub(r"\s+", " ", s.strip().lower())
+# -- per-row metrics ------------------------------------------------------------------------------
+def normalise_text(s: str, punctuation: bool = False) -> str:
+    """Lower-case, no surrounding whitespace, inner whitespace collapsed; optionally no punctuation."""
+    s = s.lower().translate(_PUNCT) if punctuation else s.lower()
+    return re.sub(r"\s+", " ", s.strip())
 
 
 def exact_match(prediction: str, reference: str) -> float:
     return float(normalise_text(prediction) == normalise_text(reference))
 
 
+def exact_match_strict(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
+
+
+def exact_match_loose(prediction: str, reference: str) -> float:
+    """Also ignores punctuation."""
+    return float(normalise_text(prediction, True) == normalise_text(reference, True))
+
+
+def _words(s: str) -> list[str]:
+    return normalise_text(s, punctuation=True).split()
+
+
 def token_f1(prediction: str, reference: str) -> float:
-    p = normalise_text(prediction).translate(_PUNCT).split()
-    r = normalise_text(reference).translate(_PUNCT).split()
+    p, r = _words(prediction), _words(reference)
     if not p or not r:
         return float(p == r)
     common = sum((Counter(p) & Counter(r)).values())
@@ -30,11 +55,156 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-METRICS = {"exact_match": exact_match, "token_f1": token_f1}
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on words: longest common subsequence against both lengths."""
+    p, r = _words(prediction), _words(reference)
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+METRICS: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match, "exact_match_strict": exact_match_strict, "exact_match_loose": exact_match_loose,
+    "token_f1": token_f1, "rouge_l": rouge_l,
+}
+
+
+def metric_fn(name: str) -> Callable[[str, str], float]:
+    """A built-in metric, or `module:function` taking (prediction, reference) and returning a number."""
+    if name in METRICS:
+        return METRICS[name]
+    if ":" in name:
+        module, fn = name.split(":", 1)
+        try:
+            sys.path.insert(0, str(Path.cwd()))
+            f = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"metric {name!r}: cannot import {fn} from {module}: {e}") from None
+        finally:
+            sys.path.pop(0)
+        return f
+    raise ValueError(f"metric {name!r} is not one of {', '.join(METRICS)} nor module:function")
 
 
 def score(predictions: list[str], references: list[str], metric: str) -> float:
-    if metric not in METRICS:
-        raise ValueError(f"eval.metric: {metric!r} is not one of {', '.join(METRICS)}")
-    fn = METRICS[metric]
-    return sum(fn(p, r) for p, r in zip(predictions, references)) / max(len(references), 1)
+    fn = metric_fn(metric)
+    return sum(float(fn(p, r)) for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+# -- classification-style -------------------------------------------------------------------------
+def is_label_set(references: list[str], max_labels: int = 20) -> bool:
+    """References drawn from a small set of short labels (sentiment, yes/no, a category)."""
+    labels = {normalise_text(r) for r in references}
+    return 1 < len(labels) <= max_labels and len(labels) < len(references) and all(len(x.split()) <= 3 for x in labels)
+
+
+def classification_report(predictions: list[str], references: list[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix (rows: reference)."""
+    refs = [normalise_text(r) for r in references]
+    preds = [normalise_text(p) for p in predictions]
+    labels = sorted(set(refs))
+    other = "(other)"
+    cols = labels + ([other] if any(p not in labels for p in preds) else [])
+    matrix = {r: dict.fromkeys(cols, 0) for r in labels}
+    for p, r in zip(preds, refs):
+        matrix[r][p if p in labels else other] += 1
+    per_class = {}
+    for c in labels:
+        tp = matrix[c][c]
+        predicted = sum(matrix[r][c] for r in labels)
+        actual = sum(matrix[c].values())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[c] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return {
+        "accuracy": sum(p == r for p, r in zip(preds, refs)) / max(len(refs), 1),
+        "macro_f1": sum(v["f1"] for v in per_class.values()) / max(len(per_class), 1),
+        "per_class": per_class,
+        "labels": cols,
+        "confusion": [[matrix[r][c] for c in cols] for r in labels],
+    }
+
+
+# -- a whole evaluation ---------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    metrics: dict[str, float] = field(default_factory=dict)  # name -> value (loss, ppl, accuracy, metrics)
+    classification: dict | None = None
+    predictions: list[dict] = field(default_factory=list)  # per row: prompt, reference, prediction, scores
+
+    def write(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        body = {"metrics": self.metrics}
+        if self.classification:
+            body["classification"] = self.classification
+        (out_dir / "eval.json").write_text(json.dumps(body, indent=1))
+        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for p in self.predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+
+
+def few_shot_prompt(messages: list[dict[str, str]], shots: list) -> list[dict[str, str]]:
+    """Place K solved examples before the question as earlier turns of the same conversation."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    demos = [m for s in shots for m in s.messages if m["role"] != "system"]
+    return system + demos + rest
+
+
+def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: bool = True, generate_replies: bool = True,
+                   max_new_tokens: int = 64, batch_size: int = 16, shots: list | None = None, sampling: dict | None = None,
+                   label: str = "model") -> EvalResult:
+    """Loss metrics on trained tokens and generation metrics on the final reply of each row."""
+    from tqdm.auto import tqdm
+
+    from .data.packing import pad_collate
+    from .data.render import build_examples
+    from .generate import generate
+    from .loss import token_loss
+
+    result = EvalResult()
+    device = next(model.parameters()).device
+    if loss:
+        examples, _ = build_examples(rows, renderer)
+        import torch
+
+        total, tokens, correct = 0.0, 0, 0
+        model.eval()
+        with torch.no_grad():
+            for b in range(0, len(examples), batch_size):
+                batch = pad_collate(examples[b : b + batch_size], renderer.tok.pad_token_id)
+                sums = token_loss(model, {k: v.to(device) for k, v in batch.items()})
+                total, tokens, correct = total + float(sums.loss), tokens + sums.tokens, correct + sums.correct
+        mean = total / max(tokens, 1)
+        result.metrics.update(eval_loss=mean, perplexity=math.exp(min(mean, 50)), token_accuracy=correct / max(tokens, 1))
+    gen_rows = [r for r in rows if r.text is None]
+    if generate_replies and gen_rows:
+        prompts = [r.messages[:-1] for r in gen_rows]
+        if shots:
+            prompts = [few_shot_prompt(p, shots) for p in prompts]
+        refs = [r.messages[-1]["content"] for r in gen_rows]
+        with tqdm(total=len(prompts), desc=f"generate ({label})", file=sys.stderr, leave=False) as bar:
+            preds = generate(model, renderer, prompts, max_new_tokens, batch_size, bar.update, **(sampling or {}))
+        fns = {m: metric_fn(m) for m in metrics}
+        for r, prompt, ref, pred in zip(gen_rows, prompts, refs, preds):
+            row_scores = {m: float(f(pred, ref)) for m, f in fns.items()}
+            result.predictions.append({"source": f"{r.source}:{r.line}", "prompt": prompt[-1]["content"],
+                                       "reference": ref, "prediction": pred, "scores": row_scores})
+        for m in metrics:
+            result.metrics[m] = sum(p["scores"][m] for p in result.predictions) / len(result.predictions)
+        if is_label_set(refs):
+            result.classification = classification_report(preds, refs)
+            result.metrics["class_accuracy"] = result.classification["accuracy"]
+            result.metrics["macro_f1"] = result.classification["macro_f1"]
+    return result

@@ -1,24 +1,66 @@
-"""Batched greedy generation with the same rendering as training."""
+"""Generation with the same rendering as training: batched replies, streaming chat, model loading."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
+from .config import Config, ConfigError, DataConfig, load_config
+from .data import renderer_for
 from .data.render import Renderer
+
+
+def load_for_inference(target: str, adapter: str | None = None, dtype: str = "auto"):
+    """MODEL is an alias, a model directory, a run directory (its final/ model), or a base plus --adapter.
+
+    Returns (model, tokenizer, data config): a run's own data settings (template, system message)
+    so a reply is asked for exactly as the model was trained to give it.
+    """
+    from .models import load_model
+
+    p = Path(target)
+    data_cfg = DataConfig()
+    if (p / "config.yaml").is_file() and (p / "final").is_dir():
+        run_cfg: Config = load_config(p / "config.yaml")
+        data_cfg = run_cfg.data
+        if adapter is None and not (p / "final" / "model").is_dir():
+            raise ConfigError(f"{p}: the run has no final/model (did it finish?)")
+        target = str(p / "final" / "model")
+    elif (p / "config.yaml").is_file() and not (p / "final").is_dir():
+        raise ConfigError(f"{p}: this run has not finished (no final/); resume it or pass a checkpoint's model")
+    model, tok = load_model(target, dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter directory)")
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model, tok, data_cfg
+
+
+def _sampling(temperature: float, top_p: float) -> dict:
+    if temperature and temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 @torch.no_grad()
 def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
-             batch_size: int = 16, progress=None) -> list[str]:
-    """Replies to conversations that end with a user turn; stops at the end-of-turn token."""
+             batch_size: int = 16, progress=None, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None) -> list[str]:
+    """Replies to conversations that end with a user turn; each stops at its end-of-turn token."""
     tok = renderer.tok
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was_training = model.training
     model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
     device = next(model.parameters()).device
-    out: list[str] = []
-    # Longest first keeps batches of similar length, so little compute goes to padding.
     encoded = [renderer.prompt_ids(p) for p in prompts]
+    # Longest first keeps batches of similar length, so little compute goes to padding.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     replies: dict[int, str] = {}
     for b in range(0, len(order), batch_size):
@@ -31,12 +73,61 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=sorted(renderer.end_ids), pad_token_id=pad,
-                             temperature=None, top_p=None, top_k=None)
+                             eos_token_id=sorted(renderer.end_ids), pad_token_id=pad, **_sampling(temperature, top_p))
         for row, i in enumerate(idx):
             replies[i] = tok.decode(gen[row, width:], skip_special_tokens=True)
         if progress is not None:
             progress(len(idx))
-    out = [replies[i] for i in range(len(prompts))]
     model.train(was_training)
-    return out
+    return [replies[i] for i in range(len(prompts))]
+
+
+def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+         stdin=None, stdout=None) -> None:
+    """Interactive chat that streams tokens. Commands: /reset, /system TEXT, /exit."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    renderer = renderer_for(data_cfg, tok)
+    system = data_cfg.system
+    history: list[dict[str, str]] = []
+    device = next(model.parameters()).device
+    print("chat: /reset clears the conversation, /system TEXT sets the system message, /exit quits", file=stdout)
+    while True:
+        print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", file=stdout)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history = []
+            print(f"(system message {'set' if system else 'cleared'}; conversation cleared)", file=stdout)
+            continue
+        history.append({"role": "user", "content": text})
+        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        ids = torch.tensor([renderer.prompt_ids(msgs)], device=device)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                      eos_token_id=sorted(renderer.end_ids), pad_token_id=tok.pad_token_id, streamer=streamer,
+                      **_sampling(temperature, top_p))
+        worker = Thread(target=model.generate, kwargs=kwargs)
+        worker.start()
+        print("model> ", end="", file=stdout, flush=True)
+        reply = ""
+        for piece in streamer:
+            reply += piece
+            print(piece, end="", file=stdout, flush=True)
+        worker.join()
+        print(file=stdout)
+        history.append({"role": "assistant", "content": reply.strip()})

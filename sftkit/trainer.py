@@ -24,8 +24,7 @@ from .data import prepare, renderer_for
 from .data.packing import pad_collate, step_indices
 from .data.render import IGNORE, Example, Renderer
 from .data.sources import Row
-from .evaluate import score
-from .generate import generate
+from .evaluate import evaluate_model
 from .loss import token_loss
 from .models import apply_method, count_parameters, load_model
 from .report import MetricsLog, plot_loss
@@ -116,15 +115,12 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_accuracy": correct / max(tokens, 1)}
 
 
-def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str) -> tuple[float, list[str]]:
+def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str) -> float:
     """Generate a reply to each held-out prompt (all turns before the last reply) and score it."""
-    rows = [r for r in rows if r.text is None]  # text rows have no reply to generate
     rows = rows[: cfg.eval.limit] if cfg.eval.limit > 0 else rows
-    prompts = [r.messages[:-1] for r in rows]
-    refs = [r.messages[-1]["content"] for r in rows]
-    with tqdm(total=len(prompts), desc=f"generate ({label})", file=sys.stderr, leave=False) as bar:
-        preds = generate(model, renderer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, bar.update)
-    return score(preds, refs, cfg.eval.metric), preds
+    result = evaluate_model(model, renderer, rows, [cfg.eval.metric], loss=False, max_new_tokens=cfg.eval.max_new_tokens,
+                            batch_size=cfg.eval.batch_size, label=label)
+    return result.metrics[cfg.eval.metric]
 
 
 class StopRequest:
@@ -211,7 +207,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResu
     if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
         model.to(device)
     if cfg.eval.generate and cfg.eval.compare_base and start_ckpt is None:
-        result.scores["base"], _ = generation_scores(model, renderer, eval_rows, cfg, "base model")
+        result.scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
         log(f"base model {cfg.eval.metric} on the held-out rows: {result.scores['base']:.3f}")
 
     # Method and optimiser. Seeding right before wrapping makes the LoRA init reproducible.
@@ -360,7 +356,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResu
 
     model = _save_final(model, tok, cfg, run_dir, accelerator.is_main_process)
     if cfg.eval.generate:
-        result.scores["tuned"], _ = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
+        result.scores["tuned"] = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
         log(f"tuned model {cfg.eval.metric} on the held-out rows: {result.scores['tuned']:.3f}")
     result.seconds = time.time() - t_start
     result.model = model

@@ -1,0 +1,127 @@
+"""`sftkit eval` and `sftkit compare`: one model, or base vs tuned (vs base + few-shot), on the same rows."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+from .config import ConfigError, DataConfig, load_config
+from .data import renderer_for
+from .data.sources import Row, load_rows
+from .evaluate import EvalResult, evaluate_model
+from .generate import load_for_inference
+
+
+def pick_shots(source: str, k: int, data_cfg: DataConfig, exclude: list[Row] | None = None, seed: int = 0) -> list[Row]:
+    """K solved examples from the training data, chosen by seed, none equal to an evaluated row."""
+    rows = [r for r in load_rows(source, data_cfg.format, data_cfg.columns, None) if r.text is None]
+    banned = {json.dumps(r.messages[-2:]) for r in exclude or []}
+    rows = [r for r in rows if json.dumps(r.messages[-2:]) not in banned]
+    if len(rows) < k:
+        raise ConfigError(f"--few-shot {k}: {source} has only {len(rows)} usable rows")
+    return random.Random(seed).sample(rows, k)
+
+
+def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None = None, data_cfg: DataConfig | None = None,
+             few_shot: int = 0, shots_from: str | None = None, limit: int = 0, max_new_tokens: int = 64,
+             batch_size: int = 16, generate: bool = True, sampling: dict | None = None, label: str = "model"):
+    model, tok, run_data = load_for_inference(target, adapter)
+    data_cfg = data_cfg or run_data
+    rows = load_rows(data, data_cfg.format, data_cfg.columns, data_cfg.system)
+    rows = rows[:limit] if limit > 0 else rows
+    shots = None
+    if few_shot:
+        source = shots_from or (run_data.train if isinstance(run_data.train, str) else None)
+        if not source:
+            raise ConfigError("--few-shot needs --shots-from FILE (rows to take the examples from)")
+        shots = pick_shots(source, few_shot, data_cfg, exclude=rows)
+    result = evaluate_model(model, renderer_for(data_cfg, tok), rows, metrics, generate_replies=generate,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, shots=shots, sampling=sampling,
+                            label=label)
+    del model
+    return result, data_cfg
+
+
+def table(results: dict[str, EvalResult]) -> str:
+    names = list(results)
+    keys: list[str] = []
+    for r in results.values():
+        keys += [k for k in r.metrics if k not in keys]
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'metric':<16}" + "".join(f"{n:>{width}}" for n in names)]
+    for k in keys:
+        cells = "".join(f"{results[n].metrics[k]:>{width}.4f}" if k in results[n].metrics else f"{'-':>{width}}"
+                        for n in names)
+        lines.append(f"{k:<16}{cells}")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, EvalResult], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in next(iter(results.values())).metrics if k not in ("eval_loss", "perplexity")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4))
+    width = 0.8 / len(results)
+    for i, (name, r) in enumerate(results.items()):
+        xs = [j + i * width for j in range(len(keys))]
+        bars = ax.bar(xs, [r.metrics.get(k, 0) for k in keys], width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(keys))], keys)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("score (higher is better)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def differing_rows(base: EvalResult, tuned: EvalResult, metric: str, n: int = 5) -> list[tuple[float, dict, dict]]:
+    pairs = [(t["scores"][metric] - b["scores"][metric], b, t) for b, t in zip(base.predictions, tuned.predictions)]
+    pairs = [p for p in pairs if p[0] != 0 or p[1]["prediction"] != p[2]["prediction"]]
+    return sorted(pairs, key=lambda p: -abs(p[0]))[:n]
+
+
+def report_md(results: dict[str, EvalResult], data: str, metric: str, base_name: str, run: Path) -> str:
+    lines = [f"# Base vs tuned on `{data}`", "", f"Base: `{base_name}`; tuned: `{run}`.", "", "```",
+             table(results), "```", "", "![compare](compare.png)", ""]
+    names = list(results)
+    base, tuned = results[names[0]], results[names[1]]
+    rows = differing_rows(base, tuned, metric)
+    if rows:
+        lines += [f"## Rows where they differ most ({metric})", ""]
+        for _, b, t in rows:
+            lines += [f"**{b['source']}** ({metric} {b['scores'][metric]:.2f} -> {t['scores'][metric]:.2f})", "",
+                      f"- prompt: {b['prompt'][:300]!r}", f"- reference: {b['reference'][:300]!r}",
+                      f"- base: {b['prediction'][:300]!r}", f"- tuned: {t['prediction'][:300]!r}", ""]
+    return "\n".join(lines)
+
+
+def compare(base: str, run: str, data: str, metrics: list[str], few_shot: int = 0, shots_from: str | None = None,
+            limit: int = 0, max_new_tokens: int = 64, batch_size: int = 16) -> tuple[dict[str, EvalResult], Path]:
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"compare: {run} is not a run directory (no config.yaml)")
+    # Both models see the rows rendered as the run was trained (template, system message).
+    data_cfg = load_config(run_dir / "config.yaml").data
+    kw = dict(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    results: dict[str, EvalResult] = {}
+    print(f"[sftkit] evaluating base model {base}", file=sys.stderr, flush=True)
+    results["base"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, label="base", **kw)
+    print(f"[sftkit] evaluating tuned model {run}", file=sys.stderr, flush=True)
+    results["tuned"], _ = run_eval(run, data, metrics, data_cfg=data_cfg, label="tuned", **kw)
+    if few_shot:
+        src = shots_from or (data_cfg.train if isinstance(data_cfg.train, str) else None)
+        print(f"[sftkit] evaluating base model with {few_shot} examples in the prompt", file=sys.stderr, flush=True)
+        results[f"base+{few_shot}shot"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, few_shot=few_shot,
+                                                      shots_from=src, label=f"base+{few_shot}-shot", **kw)
+    for name, r in results.items():
+        r.write(run_dir / "compare" / name)
+    plot(results, run_dir / "compare.png")
+    (run_dir / "report.md").write_text(report_md(results, data, metrics[0], base, run_dir))
+    return results, run_dir

@@ -1,0 +1,93 @@
+"""eval, compare, generate, chat and export on a tiny trained run."""
+
+import io
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from sftkit.cli import main
+from sftkit.config import load_config
+from sftkit.generate import chat, load_for_inference
+from sftkit.trainer import train
+
+from ..conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("run")
+    rows = [{"prompt": f"label {i}", "completion": "spam" if i % 2 else "ham"} for i in range(16)]
+    train_file = write_jsonl(tmp / "train.jsonl", rows)
+    eval_file = write_jsonl(tmp / "eval.jsonl", rows[:6])
+    cfg = load_config(None, {"model.name": str(tiny_model_dir), "data.train": str(train_file), "peft.r": 4,
+                             "train.max_steps": 8, "train.lr": 3e-2, "train.batch_size": 4, "output_dir": str(tmp / "run")})
+    train(cfg)
+    return tmp / "run", eval_file, train_file
+
+
+def test_eval_writes_metrics_predictions_and_classification(tiny_run, tmp_path, monkeypatch, capsys):
+    run, eval_file, _ = tiny_run
+    (tmp_path / "m.py").write_text("def is_ham(p, r):\n    return float(p.strip() == 'ham')\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(run), "--data", str(eval_file), "--metrics", "exact_match,m:is_ham",
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "ev")]) == 0
+    body = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert {"eval_loss", "perplexity", "token_accuracy", "exact_match", "m:is_ham", "macro_f1"} <= set(body["metrics"])
+    assert body["classification"]["labels"][:2] == ["ham", "spam"]
+    preds = [json.loads(line) for line in open(tmp_path / "ev" / "predictions.jsonl")]
+    assert len(preds) == 6 and set(preds[0]) == {"source", "prompt", "reference", "prediction", "scores"}
+    assert body["metrics"]["exact_match"] == pytest.approx(sum(p["scores"]["exact_match"] for p in preds) / 6)
+    assert "confusion (rows = reference" in capsys.readouterr().out
+
+
+def test_compare_writes_report_and_plot(tiny_run, tiny_model_dir, capsys):
+    run, eval_file, train_file = tiny_run
+    assert main(["compare", str(tiny_model_dir), str(run), "--data", str(eval_file), "--few-shot", "2",
+                 "--max-new-tokens", "4", "--metrics", "exact_match"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "base", "tuned", "base+2shot"]
+    assert (run / "compare.png").stat().st_size > 1000
+    report = (run / "report.md").read_text()
+    assert "# Base vs tuned" in report and "exact_match" in report
+    for name in ("base", "tuned", "base+2shot"):
+        assert (run / "compare" / name / "eval.json").is_file()
+
+
+def test_generate_matches_eval_predictions_and_keeps_rows(tiny_run, tmp_path):
+    run, eval_file, _ = tiny_run
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", str(run), "--input", str(eval_file), "--output", str(out), "--max-new-tokens", "4"]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) == 6 and all("generated" in r and "prompt" in r for r in rows)
+    assert main(["eval", str(run), "--data", str(eval_file), "--max-new-tokens", "4", "--out", str(tmp_path / "e")]) == 0
+    preds = [json.loads(line)["prediction"] for line in open(tmp_path / "e" / "predictions.jsonl")]
+    assert [r["generated"] for r in rows] == preds  # same template, same greedy decoding
+
+
+def test_chat_streams_keeps_history_and_takes_commands(tiny_run):
+    run, _, _ = tiny_run
+    model, tok, data_cfg = load_for_inference(str(run))
+    out = io.StringIO()
+    chat(model, tok, data_cfg, max_new_tokens=3, stdin=io.StringIO("hello\n/system Be terse.\nagain\n/reset\n/exit\nnever\n"),
+         stdout=out)
+    text = out.getvalue()
+    assert text.count("model> ") == 2
+    assert "(system message set; conversation cleared)" in text and "(conversation cleared)" in text
+
+
+def test_export_merge_gives_same_logits_as_base_plus_adapter(tiny_run, tiny_model_dir, tmp_path):
+    run, _, _ = tiny_run
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--merge", "--out", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                             str(run / "final" / "adapter")).eval()
+    ids = torch.tensor([[1, 5, 77, 300, 4000, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-5, atol=1e-5)
+    assert (out / "chat_template.jinja").is_file()
+    assert main(["export", str(run), "--merge", "--out", str(out)]) == 2  # never overwritten silently

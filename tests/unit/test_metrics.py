@@ -1,0 +1,62 @@
+"""Metrics as plain functions: exact values on hand-checked cases."""
+
+import pytest
+
+from sftkit.data.sources import Normaliser
+from sftkit.evaluate import (
+    classification_report,
+    exact_match,
+    exact_match_loose,
+    few_shot_prompt,
+    is_label_set,
+    metric_fn,
+    rouge_l,
+    score,
+    token_f1,
+)
+
+
+def test_exact_match_normalisation():
+    assert exact_match("  2021-03-05\n", "2021-03-05") == 1.0
+    assert exact_match("Paris", "paris") == 1.0
+    assert exact_match("Paris.", "paris") == 0.0
+    assert exact_match_loose("Paris.", "paris") == 1.0
+
+
+def test_token_f1_and_rouge_l():
+    assert token_f1("the cat sat", "the cat sat") == 1.0
+    assert token_f1("the cat", "the cat sat down") == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert token_f1("dog", "cat") == 0.0
+    # LCS of (a b c d) and (a c d e) is (a c d): P = 3/4, R = 3/4.
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("", "") == 1.0
+
+
+def test_classification_report():
+    refs = ["spam", "spam", "ham", "ham", "ham"]
+    preds = ["spam", "ham", "ham", "ham", "maybe"]
+    assert is_label_set(refs)
+    r = classification_report(preds, refs)
+    assert r["accuracy"] == pytest.approx(3 / 5)
+    assert r["labels"] == ["ham", "spam", "(other)"]
+    assert r["confusion"] == [[2, 0, 1], [1, 1, 0]]
+    assert r["per_class"]["spam"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert r["per_class"]["ham"]["precision"] == pytest.approx(2 / 3)
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert not is_label_set(["a long free text answer here", "another one"])
+
+
+def test_user_metric_module_function(tmp_path, monkeypatch):
+    (tmp_path / "mymetrics.py").write_text("def first_char(p, r):\n    return float(p[:1] == r[:1])\n")
+    monkeypatch.chdir(tmp_path)
+    assert metric_fn("mymetrics:first_char")("abc", "axe") == 1.0
+    assert score(["abc", "b"], ["axe", "c"], "mymetrics:first_char") == 0.5
+    with pytest.raises(ValueError, match="cannot import nope"):
+        metric_fn("mymetrics:nope")
+
+
+def test_few_shot_prompt_places_examples_as_earlier_turns():
+    n = Normaliser("x")
+    shots = [n({"prompt": "q1", "completion": "a1"}, 1), n({"prompt": "q2", "completion": "a2"}, 2)]
+    got = few_shot_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], shots)
+    assert [m["content"] for m in got] == ["s", "q1", "a1", "q2", "a2", "q"]
