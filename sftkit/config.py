@@ -36,6 +36,7 @@ class DataConfig:
     format: str = "auto"  # auto | text | prompt_completion | messages | sharegpt | alpaca
     columns: dict[str, str] = field(default_factory=dict)  # our field -> the data's column, e.g. {output: response}
     max_length: int = 1024  # longest sample in tokens
+    pack: bool = False  # pack several examples per row (best-fit) up to max_length; they never attend to each other
     truncation: str = "truncate"  # truncate (prompt from the left first, then the reply's tail) | drop | error
     mask: str = "auto"  # auto | completion | assistant | last_assistant | none (train on every token)
     template: str = "auto"  # auto = tokenizer's chat template | plain | chatml | llama-3 | alpaca | path.jinja
@@ -75,6 +76,7 @@ class TrainConfig:
     patience: int = 0  # early stopping: evals without improvement before stopping; 0 = off
     min_delta: float = 0.0  # early stopping: smallest eval-loss drop that counts as improvement
     max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run stops
+    group_by_length: bool = True  # unpacked batches: put examples of similar length together so little is padded
     checkpointing: bool = False  # gradient checkpointing: less memory, about a third more compute
 
 

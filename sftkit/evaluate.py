@@ -162,32 +162,42 @@ def few_shot_prompt(messages: list[dict[str, str]], shots: list) -> list[dict[st
     return system + demos + rest
 
 
+def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Token-weighted loss, perplexity and next-token accuracy over trained tokens (as training renders them)."""
+    import torch
+
+    from .data.packing import pad_collate
+    from .loss import token_loss
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # Similar lengths together: less padding, same result (the sums do not depend on batching).
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, tokens, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            batch = pad_collate([examples[i] for i in order[b : b + batch_size]], pad_id)
+            sums = token_loss(model, {k: v.to(device) for k, v in batch.items()})
+            total, tokens, correct = total + float(sums.loss), tokens + sums.tokens, correct + sums.correct
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50)), "token_accuracy": correct / max(tokens, 1)}
+
+
 def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: bool = True, generate_replies: bool = True,
                    max_new_tokens: int = 64, batch_size: int = 16, shots: list | None = None, sampling: dict | None = None,
                    label: str = "model") -> EvalResult:
     """Loss metrics on trained tokens and generation metrics on the final reply of each row."""
     from tqdm.auto import tqdm
 
-    from .data.packing import pad_collate
     from .data.render import build_examples
     from .generate import generate
-    from .loss import token_loss
 
     result = EvalResult()
-    device = next(model.parameters()).device
     if loss:
         examples, _ = build_examples(rows, renderer)
-        import torch
-
-        total, tokens, correct = 0.0, 0, 0
-        model.eval()
-        with torch.no_grad():
-            for b in range(0, len(examples), batch_size):
-                batch = pad_collate(examples[b : b + batch_size], renderer.tok.pad_token_id)
-                sums = token_loss(model, {k: v.to(device) for k, v in batch.items()})
-                total, tokens, correct = total + float(sums.loss), tokens + sums.tokens, correct + sums.correct
-        mean = total / max(tokens, 1)
-        result.metrics.update(eval_loss=mean, perplexity=math.exp(min(mean, 50)), token_accuracy=correct / max(tokens, 1))
+        result.metrics.update(loss_metrics(model, examples, batch_size, renderer.tok.pad_token_id))
     gen_rows = [r for r in rows if r.text is None]
     if generate_replies and gen_rows:
         prompts = [r.messages[:-1] for r in gen_rows]

@@ -49,6 +49,9 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     keep = targets != IGNORE
     n = int(keep.sum())
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    # No cache: training never needs one, and with packed rows a cache would stop transformers from
+    # building the block-diagonal mask out of the position ids.
+    inputs["use_cache"] = False
     base = _unwrap(model)
     if _has_logit_transform(base.config) or not hasattr(base, "get_decoder"):
         logits = model(**inputs).logits[:, :-1][keep].float()

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import Config, ConfigError, resume_conflicts, save_config
 from .data import prepare, renderer_for
-from .data.packing import pad_collate, step_indices
-from .data.render import IGNORE, Example, Renderer
+from .data.packing import Batcher
+from .data.render import IGNORE, Renderer
 from .data.sources import Row
-from .evaluate import evaluate_model
+from .evaluate import evaluate_model, loss_metrics
 from .loss import token_loss
 from .models import apply_method, count_parameters, load_model
 from .report import MetricsLog, plot_loss
@@ -95,24 +95,6 @@ def total_steps_for(cfg: Config, n_examples: int) -> int:
 def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that enter the loss: those whose label (shifted by one) is trained."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-@torch.no_grad()
-def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> dict[str, float]:
-    """Token-weighted loss, perplexity and next-token accuracy over trained tokens."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    loss, tokens, correct = 0.0, 0, 0
-    for b in range(0, len(order), batch_size):
-        batch = pad_collate([examples[i] for i in order[b : b + batch_size]], pad_id)
-        sums = token_loss(model, {k: v.to(device) for k, v in batch.items()})
-        loss += float(sums.loss)
-        tokens += sums.tokens
-        correct += sums.correct
-    model.train(was_training)
-    mean = loss / max(tokens, 1)
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_accuracy": correct / max(tokens, 1)}
 
 
 def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str) -> float:
@@ -221,7 +203,12 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResu
     _check_disk(run_dir, model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    total_steps = total_steps_for(cfg, len(train_ex))
+    batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
+                      cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length)
+    if cfg.data.pack:
+        log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
+            f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
+    total_steps = total_steps_for(cfg, len(batcher))
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio))
@@ -260,8 +247,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResu
         while state["step"] < total_steps:
             step = state["step"]
             t0 = time.time()
-            idx = step_indices(len(train_ex), cfg.train.seed, step, bs * ga)
-            micro = [pad_collate([train_ex[i] for i in idx[k * bs : (k + 1) * bs]], pad_id) for k in range(ga)]
+            micro = batcher.micro_batches(step)
             # Normalise by the trained tokens of the whole optimizer step on every process, so a
             # token weighs the same whatever micro-batch or rank it lands in.
             local_tokens = sum(trained_tokens(mb) for mb in micro)
@@ -304,13 +290,14 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResu
                                     f"(last at step {step + 1}); lower train.lr, check the data, or keep "
                                     "train.max_grad_norm on")
 
-            n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            n_tokens = sum(int(mb["real_tokens"]) for mb in micro)
             seen_tokens += n_tokens
             record.update(tokens=n_tokens, step_seconds=round(time.time() - t0, 4))
             last = state["step"] == total_steps
             improved = False
             if eval_ex and ((cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last):
-                record.update(eval_loss(model, eval_ex, bs, pad_id, device))
+                ev = loss_metrics(model, eval_ex, bs, pad_id)
+                record.update(eval_loss=ev["eval_loss"], eval_ppl=ev["perplexity"], eval_accuracy=ev["token_accuracy"])
                 result.eval_loss = record["eval_loss"]
                 best = state["best_eval"]
                 if best is None or record["eval_loss"] < best - cfg.train.min_delta:

@@ -1,6 +1,16 @@
-"""Batches: right-padded micro-batches, and the deterministic sample order of a run."""
+"""Batches: the deterministic order of a run, length grouping, and padding-free packing.
+
+Order is a function of (seed, epoch, step) alone, so a resumed run needs no sampler state: step
+s takes its samples from the epochs' permutations laid end to end.
+
+Packing puts several examples in one row. Their positions restart at 0, and no attention mask is
+passed, so transformers builds a block-diagonal causal mask from the position ids (and
+flash-attention takes its varlen path): a token never attends to another example.
+"""
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -18,23 +28,116 @@ def pad_collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "real_tokens": mask.sum()}
 
 
-def sample_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The permutation of epoch `epoch`: a function of (seed, epoch) alone, so resume needs no state."""
+def pack_collate(bins: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per bin: examples end to end, positions restarting at 0 for each, no attention mask."""
+    width = max(sum(len(e.input_ids) for e in b) for b in bins)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    for r, b in enumerate(bins):
+        at = 0
+        for e in b:
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at : at + n] = torch.tensor(e.labels)
+            # The first token of an example is never a target: predicting it would use the
+            # previous example's last token, i.e. attend across examples.
+            labels[r, at] = IGNORE
+            pos[r, at : at + n] = torch.arange(n)
+            at += n
+        # The padded tail is a segment of its own (positions from 0): untrained, and no real
+        # token attends to it because it comes last.
+        pos[r, at:] = torch.arange(width - at)
+    real = sum(len(e.input_ids) for b in bins for e in b)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels, "real_tokens": torch.tensor(real)}
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of indices whose lengths sum to at most `capacity`: longest first, each into the fullest bin it fits."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin id), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than the bin capacity {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+            bins[b].append(i)
+            if space - n > 0:
+                bisect.insort(free, (space - n, b))
+        else:
+            bins.append([i])
+            if capacity - n > 0:
+                bisect.insort(free, (capacity - n, len(bins) - 1))
+    return bins
+
+
+def epoch_order(sizes: list[int], seed: int, epoch: int, per_step: int, group_by_length: bool) -> list[int]:
+    """The order of epoch `epoch`: a seeded permutation, optionally grouped so each step holds similar lengths.
+
+    Grouping sorts windows of 32 steps by length and shuffles the steps inside each window, so
+    batches pad little while the order of data across the epoch stays random.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
-    """Sample indices for optimizer step `step` (0-based): a slice of the epochs laid end to end."""
-    out = []
-    pos = step * per_step
-    while len(out) < per_step:
-        epoch, offset = divmod(pos, n)
-        order = sample_order(n, seed, epoch)
-        take = min(per_step - len(out), n - offset)
-        out += order[offset : offset + take]
-        pos += take
+    order = torch.randperm(len(sizes), generator=g).tolist()
+    if not group_by_length or per_step <= 1:
+        return order
+    window = per_step * 32
+    out: list[int] = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: -sizes[i])
+        steps = [chunk[s : s + per_step] for s in range(0, len(chunk), per_step)]
+        for k in torch.randperm(len(steps), generator=g).tolist():
+            out += steps[k]
     return out
+
+
+class Batcher:
+    """Micro-batches for each optimizer step, the same ones whatever process or restart asks."""
+
+    def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int,
+                 pack: bool = False, max_length: int = 0, group_by_length: bool = True):
+        self.examples, self.bs, self.ga, self.seed, self.pad_id, self.pack = examples, batch_size, grad_accum, seed, pad_id, pack
+        lengths = [len(e.input_ids) for e in examples]
+        self.units = best_fit_decreasing(lengths, max_length) if pack else [[i] for i in range(len(examples))]
+        self.sizes = [sum(lengths[i] for i in u) for u in self.units]
+        self.group = group_by_length and not pack  # packed rows are already near max_length
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        """Units (examples, or bins when packing) per epoch."""
+        return len(self.units)
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.sizes, self.seed, epoch, self.bs * self.ga, self.group)}
+        return self._orders[epoch]
+
+    def step_units(self, step: int) -> list[int]:
+        """Unit indices of optimizer step `step` (0-based): a slice of the epochs laid end to end."""
+        per_step, n = self.bs * self.ga, len(self.units)
+        out: list[int] = []
+        pos = step * per_step
+        while len(out) < per_step:
+            epoch, offset = divmod(pos, n)
+            take = min(per_step - len(out), n - offset)
+            out += self._order(epoch)[offset : offset + take]
+            pos += take
+        return out
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        units = self.step_units(step)
+        if self.ga > 1 and self.group:  # similar lengths in each micro-batch
+            units = sorted(units, key=lambda u: -self.sizes[u])
+        out = []
+        for k in range(self.ga):
+            chunk = [self.units[u] for u in units[k * self.bs : (k + 1) * self.bs]]
+            if self.pack:
+                out.append(pack_collate([[self.examples[i] for i in u] for u in chunk], self.pad_id))
+            else:
+                out.append(pad_collate([self.examples[u[0]] for u in chunk], self.pad_id))
+        return out

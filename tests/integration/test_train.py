@@ -95,3 +95,14 @@ def test_unknown_config_key_fails_before_work_naming_the_closest(tmp_path, capsy
     cfg.write_text("train:\n  lr: 0.1\n")
     assert main(["train", str(cfg), "peft.rnak=8"]) == 2
     assert "'peft.r'" in capsys.readouterr().err
+
+
+def test_packed_training_run(tmp_path, tiny_model_dir, chat_rows):
+    cfg = make_cfg(tmp_path, tiny_model_dir, chat_rows, "packed", **{
+        "data.pack": True, "data.max_length": 160, "train.batch_size": 2, "train.max_steps": 6,
+        "peft.method": "full", "train.lr": 5e-3})
+    result = train(cfg)
+    records = [json.loads(line) for line in open(result.run_dir / "metrics.jsonl")]
+    assert records[-1]["loss"] < records[0]["loss"]
+    # Every trained token of the data is seen once per epoch, packed or not.
+    assert all(r["trained_tokens"] > 0 for r in records)

@@ -1,0 +1,81 @@
+"""Packing: bins, positions, no attention across examples, and loss/grads equal to one-by-one."""
+
+import torch
+
+from sftkit.data.packing import Batcher, best_fit_decreasing, pack_collate, pad_collate
+from sftkit.data.render import IGNORE, Renderer, build_examples
+from sftkit.data.sources import Normaliser
+from sftkit.loss import token_loss
+
+from ..conftest import make_tiny_llama
+
+
+def examples(tokenizer, chat_rows):
+    exs, _ = build_examples([Normaliser("x")(r, i) for i, r in enumerate(chat_rows)], Renderer(tokenizer))
+    return exs
+
+
+def test_best_fit_decreasing():
+    lengths = [5, 3, 8, 2, 7, 1, 4]
+    bins = best_fit_decreasing(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(7))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 3  # 30 tokens in bins of 10: as few bins as possible
+    assert bins[0] == [2, 3]  # 8 first, then the largest that fits the 2 left
+
+
+def test_pack_collate_positions_restart_and_first_tokens_untrained(tokenizer, chat_rows):
+    exs = examples(tokenizer, chat_rows)[:3]
+    batch = pack_collate([exs], tokenizer.pad_token_id)
+    lens = [len(e.input_ids) for e in exs]
+    assert batch["position_ids"][0].tolist() == [p for n in lens for p in range(n)]
+    starts = [sum(lens[:k]) for k in range(3)]
+    assert all(batch["labels"][0, s] == IGNORE for s in starts)
+    assert "attention_mask" not in batch
+
+
+def test_packed_examples_never_attend_to_each_other(tokenizer, chat_rows):
+    model = make_tiny_llama(tokenizer).eval()
+    a, b = examples(tokenizer, chat_rows)[:2]
+    changed = type(a)([t + 1 for t in a.input_ids], a.labels)
+    def logits(batch):  # use_cache=False as in training: a cache disables the packed mask
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+
+    with torch.no_grad():
+        out1, out2 = logits(pack_collate([[a, b]], 0)), logits(pack_collate([[changed, b]], 0))
+        alone = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits
+    n = len(a.input_ids)
+    torch.testing.assert_close(out1[0, n:], out2[0, n:], rtol=0, atol=1e-6)  # b does not see a
+    torch.testing.assert_close(out1[0, n:], alone[0], rtol=1e-5, atol=1e-5)  # as if b were alone
+
+
+def test_packed_loss_and_grads_equal_one_by_one(tokenizer, chat_rows):
+    model = make_tiny_llama(tokenizer)
+    exs = examples(tokenizer, chat_rows)
+    bins = best_fit_decreasing([len(e.input_ids) for e in exs], 256)
+    assert len(bins) < len(exs)  # something was really packed
+    packed = pack_collate([[exs[i] for i in b] for b in bins], tokenizer.pad_token_id)
+    sums = token_loss(model, packed)
+    sums.loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    total, tokens = 0.0, 0
+    for e in exs:
+        s = token_loss(model, pad_collate([e], tokenizer.pad_token_id))
+        s.loss.backward()
+        total, tokens = total + s.loss.detach(), tokens + s.tokens
+    assert sums.tokens == tokens
+    torch.testing.assert_close(sums.loss.detach(), total, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[n] / tokens, p.grad / tokens, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_batcher_covers_each_example_once_per_epoch_and_groups_lengths(tokenizer, chat_rows):
+    exs = examples(tokenizer, chat_rows)
+    b = Batcher(exs, batch_size=2, grad_accum=2, seed=1, pad_id=0, group_by_length=True)
+    epoch = [u for s in range(3) for u in b.step_units(s)]  # 12 examples, 4 per step
+    assert sorted(epoch) == list(range(12))
+    assert Batcher(exs, 2, 2, 1, 0).step_units(5) == b.step_units(5)  # a function of the step alone
+    mb = b.micro_batches(0)
+    assert len(mb) == 2 and all(x["input_ids"].shape[0] == 2 for x in mb)
