@@ -187,6 +187,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep
+
+    cfg = load_config(args.config, args.overrides)
+    out = sweep(cfg, args.space, args.trials, args.sampler, args.metric, args.direction, args.out, args.pruner)
+    print(f"results: {out / 'trials.csv'}, {out / 'best.yaml'}, {out / 'history.png'}, {out / 'importance.png'}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import cache_dir, cached_models
 
@@ -289,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=cmd_export)
 
+    sw = sub.add_parser("sweep", help="hyperparameter search on optuna; re-run the same command to continue it")
+    sw.add_argument("config", help="YAML config file: the base every trial starts from")
+    sw.add_argument("overrides", nargs="*", help="config overrides for every trial")
+    sw.add_argument("--space", required=True, help="YAML: config key -> {loguniform|uniform|int: [lo, hi]} or {choice: [...]}")
+    sw.add_argument("--trials", type=int, default=10, help="trials to finish (grid: at most the grid's size)")
+    sw.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"])
+    sw.add_argument("--metric", default="eval_loss", help="eval_loss, final_loss, or eval.metric (with eval.generate)")
+    sw.add_argument("--direction", default="minimize", choices=["minimize", "maximize"])
+    sw.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
+    sw.add_argument("--out", help="sweep directory (default: <output_dir>/sweep)")
+    sw.set_defaults(fn=cmd_sweep)
+
     m = sub.add_parser("models", help="list model aliases and what is cached")
     m.set_defaults(fn=cmd_models)
 
@@ -298,7 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also come after options (`sftkit sweep CFG --trials 4 train.lr=1e-4`).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except (ConfigError, DataError) as e:

@@ -37,7 +37,8 @@ def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None 
         if not source:
             raise ConfigError("--few-shot needs --shots-from FILE (rows to take the examples from)")
         shots = pick_shots(source, few_shot, data_cfg, exclude=rows)
-    result = evaluate_model(model, renderer_for(data_cfg, tok), rows, metrics, generate_replies=generate,
+    # With examples in the prompt the loss would be of other sequences than the plain rows': leave it out.
+    result = evaluate_model(model, renderer_for(data_cfg, tok), rows, metrics, loss=not shots, generate_replies=generate,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, shots=shots, sampling=sampling,
                             label=label)
     del model
@@ -69,8 +70,9 @@ def plot(results: dict[str, EvalResult], out: Path) -> None:
     width = 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
         xs = [j + i * width for j in range(len(keys))]
-        bars = ax.bar(xs, [r.metrics.get(k, 0) for k in keys], width, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        values = [r.metrics.get(k, float("nan")) for k in keys]  # a metric a model was not scored on: no bar
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in values], fontsize=8)
     ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(keys))], keys)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("score (higher is better)")

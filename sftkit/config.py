@@ -285,5 +285,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return cfg
 
 
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of `cfg` with dotted keys set (checked like any override)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        _set(out, key, value)
+    return out
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,9 @@ def _check_disk(run_dir: Path, model: torch.nn.Module, cfg: Config) -> None:
                           "choose another output_dir")
 
 
-def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResult:
+def train(cfg: Config, overwrite: bool = False, resume: bool = False,
+          on_eval: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Run one training job. `on_eval(step, record)` is called after each eval (a sweep prunes there)."""
     t_start = time.time()
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
@@ -306,6 +309,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False) -> RunResu
                 else:
                     state["bad_evals"] += 1
             metrics.write(record)
+            if on_eval is not None and "eval_loss" in record:
+                on_eval(state["step"], record)
             early = cfg.train.patience > 0 and state["bad_evals"] >= cfg.train.patience
             periodic = cfg.train.save_every and state["step"] % cfg.train.save_every == 0
             if cfg.train.save_every and not last and (periodic or stop.signal or (improved and cfg.train.keep)):
