@@ -28,21 +28,34 @@ def rng_state() -> dict:
     }
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict) -> Path:
-    """Write checkpoints/step-N atomically and return its path."""
+def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict,
+         rank: int = 0, barrier=None) -> Path:
+    """Write checkpoints/step-N atomically and return its path.
+
+    With several processes every rank calls this: rank 0 writes the weights and optimizer (the
+    same on every rank under DDP), each rank its own RNG state, and only then does rank 0 rename
+    the directory into place.
+    """
+    barrier = barrier or (lambda: None)
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **extra}, indent=1))
-    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    if rank == 0:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **extra}, indent=1))
+    barrier()
+    if rank == 0:
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier()
     return final
 
 
@@ -59,7 +72,7 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
-def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+def load(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore trainable weights, optimizer, scheduler and RNG states; return the checkpoint's meta."""
     from safetensors.torch import load_file
 
@@ -71,7 +84,7 @@ def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     state = torch.load(path / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
+    rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])

@@ -9,13 +9,48 @@ from .config import ConfigError, load_config, valid_keys
 from .data.sources import DataError
 
 
+def launch_processes(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command in N processes through accelerate (torch.distributed; gloo on CPU)."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # a free port, so two runs on one machine never collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.nproc),
+           "--main_process_port", str(port)]
+    cmd += ["--config_file", args.accelerate_config] if args.accelerate_config else ["--multi_gpu"]
+    rest, skip = [], False
+    for a in argv:  # the same command without --nproc / --accelerate-config
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--accelerate-config"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--accelerate-config=")):
+            rest.append(a)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))}
+    print(f"[sftkit] launching {args.nproc} processes: {' '.join(cmd[1:])} -m sftkit {' '.join(rest)}", file=sys.stderr, flush=True)
+    rc = subprocess.call(cmd + ["-m", "sftkit", *rest], env=env)
+    if rc != 0:
+        print(f"sftkit: error: a training process failed (exit {rc}; the launcher's report above names the rank); "
+              "the other processes were stopped", file=sys.stderr)
+    return rc
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from .trainer import train
 
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_processes(args, args.argv)
     cfg = load_config(args.config, args.overrides)
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite and --resume contradict each other: pick one")
     result = train(cfg, overwrite=args.overwrite, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # the summary is rank 0's to print
     print(f"done: {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
     if result.scores:
@@ -228,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=200 peft.r=32")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    t.add_argument("--nproc", type=int, default=1, help="train in N processes (data parallel, through accelerate)")
+    t.add_argument("--accelerate-config", help="an accelerate config file (configs/accelerate/: DDP, FSDP, DeepSpeed)")
     t.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("data", help="look at the data as training will see it")
@@ -320,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     # Overrides may also come after options (`sftkit sweep CFG --trials 4 train.lr=1e-4`).
     if extra:
         if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):

@@ -73,3 +73,19 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
         total = total + loss
         correct += int(ok)
     return LossSums(total, n, correct)
+
+
+class TokenLoss(torch.nn.Module):
+    """The model plus its loss as one module, so DDP (which hooks `forward`) sees the whole step.
+
+    forward(batch) returns (summed token loss, trained tokens, correct predictions) as tensors.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, **batch: torch.Tensor):
+        sums = token_loss(self.model, batch, self.chunk_size)
+        return sums.loss, torch.tensor(sums.tokens), torch.tensor(sums.correct)

@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint
@@ -26,7 +27,7 @@ from .data.packing import Batcher
 from .data.render import IGNORE, Renderer
 from .data.sources import Row
 from .evaluate import evaluate_model, loss_metrics
-from .loss import token_loss
+from .loss import TokenLoss
 from .models import apply_method, count_parameters, load_model
 from .report import MetricsLog, plot_loss
 
@@ -86,10 +87,10 @@ def lr_lambda(total_steps: int, warmup: int, schedule: str, min_ratio: float):
     return f
 
 
-def total_steps_for(cfg: Config, n_examples: int) -> int:
+def total_steps_for(cfg: Config, n_examples: int, world: int = 1) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     return max(1, math.ceil(cfg.train.epochs * n_examples / per_step))
 
 
@@ -159,7 +160,16 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     t_start = time.time()
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
-    run_dir = prepare_run_dir(cfg.output_dir, overwrite, resume)
+    # Processes: one, or several under torchrun / accelerate launch (gloo on CPU). The timeout is a
+    # backstop; a rank that dies closes its sockets and the others fail at once.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=600))])
+    main_process = accelerator.is_main_process
+    world = accelerator.num_processes
+    if main_process:
+        prepare_run_dir(cfg.output_dir, overwrite, resume)
+    accelerator.wait_for_everyone()
+    run_dir = Path(cfg.output_dir)
     start_ckpt = None
     if resume:
         ckpts = checkpoint.complete_checkpoints(run_dir)
@@ -170,8 +180,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         if conflicts:
             raise ConfigError(f"--resume: the config changed in a way that would change the run: {', '.join(conflicts)} "
                               f"differ from {start_ckpt}; restore them, or start a new run in another output_dir")
-    save_config(cfg, run_dir / "config.yaml")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if main_process:
+        save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed)
 
     # Model and data.
@@ -191,7 +201,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     device = accelerator.device
     if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
         model.to(device)
-    if cfg.eval.generate and cfg.eval.compare_base and start_ckpt is None:
+    if cfg.eval.generate and cfg.eval.compare_base and start_ckpt is None and main_process:
         result.scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
         log(f"base model {cfg.eval.metric} on the held-out rows: {result.scores['base']:.3f}")
 
@@ -207,36 +217,41 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
-                      cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length)
+                      cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length,
+                      rank=accelerator.process_index, world=accelerator.num_processes)
     if cfg.data.pack:
         log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
             f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
-    total_steps = total_steps_for(cfg, len(batcher))
+    total_steps = total_steps_for(cfg, len(batcher), accelerator.num_processes)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
+    # DDP hooks `forward`: the module it wraps computes the loss, so the whole step goes through it.
+    step_module, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    step_module.train()
 
     # Where the run stands: restored from the checkpoint on --resume.
     state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "bad_steps": 0}
     if start_ckpt is not None:
-        meta = checkpoint.load(start_ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        saved_world = checkpoint.read_meta(start_ckpt).get("world", 1)
+        if saved_world != world:
+            raise ConfigError(f"--resume: {start_ckpt} was written by {saved_world} process(es), this run has {world}; "
+                              f"resume with --nproc {saved_world} (the split of each step's batch depends on it)")
+        meta = checkpoint.load(start_ckpt, model, optimizer, scheduler, accelerator.process_index)
         state.update(meta["state"])
         log(f"resuming from {start_ckpt} at step {state['step']}")
-    metrics = MetricsLog(run_dir, cfg, state["step"], accelerator.is_main_process)
+    metrics = MetricsLog(run_dir, cfg, state["step"], main_process)
 
     pad_id = tok.pad_token_id
     bs, ga = cfg.train.batch_size, cfg.train.grad_accum
-    world = accelerator.num_processes
-    log(f"{total_steps} optimizer steps of {bs} x {ga} samples; run directory {run_dir}")
+    log(f"{total_steps} optimizer steps of {bs} x {ga} samples" + (f" x {world} processes" if world > 1 else "")
+        + f"; run directory {run_dir}")
 
     def save_checkpoint() -> None:
-        if not accelerator.is_main_process:
-            return
         try:
-            checkpoint.save(run_dir, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
-                            {"config": cfg.to_dict(), "state": dict(state)})
+            checkpoint.save(run_dir, state["step"], model, optimizer, scheduler,
+                            {"config": cfg.to_dict(), "state": dict(state), "world": world},
+                            accelerator.process_index, accelerator.wait_for_everyone)
         except OSError as e:
             last = checkpoint.complete_checkpoints(run_dir)
             raise TrainingError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
@@ -258,12 +273,12 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
             loss_sum = 0.0
             try:
                 for k, mb in enumerate(micro):
-                    sync = nullcontext() if k == ga - 1 else accelerator.no_sync(model)
+                    sync = nullcontext() if k == ga - 1 else accelerator.no_sync(step_module)
                     with sync:
-                        sums = token_loss(model, {key: v.to(device) for key, v in mb.items()})
+                        loss_k, _, _ = step_module(**{key: v.to(device) for key, v in mb.items()})
                         # DDP averages gradients over ranks; multiplying by the world size makes it a sum.
-                        accelerator.backward(sums.loss * world / step_tokens)
-                    loss_sum += float(sums.loss.detach())
+                        accelerator.backward(loss_k * world / step_tokens)
+                    loss_sum += float(loss_k.detach())
             except torch.OutOfMemoryError:
                 raise TrainingError(_oom_advice(cfg)) from None
             except RuntimeError as e:
@@ -321,14 +336,19 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             result.steps, result.final_loss = state["step"], loss
-            if stop.signal is not None and not last:
+            # Every rank must stop after the same step, or one would wait for the others forever.
+            stop_now = stop.signal is not None
+            if world > 1:
+                stop_now = int(accelerator.reduce(torch.tensor(int(stop_now), device=device), "sum")) > 0
+            if stop_now and not last:
                 bar.close()
                 metrics.close()
                 where = f"a checkpoint at step {state['step']}" if cfg.train.save_every else "no checkpoint (train.save_every=0)"
-                log(f"stopped by {signal.Signals(stop.signal).name} after step {state['step']}, wrote {where}; "
+                name = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
+                log(f"stopped by {name} after step {state['step']}, wrote {where}; "
                     f"continue with: sftkit train CONFIG --resume (output_dir={run_dir})")
                 result.stopped = "signal"
-                raise SystemExit(128 + stop.signal)
+                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
             if early:
                 log(f"early stopping: eval loss has not improved by {cfg.train.min_delta} for "
                     f"{cfg.train.patience} evals; best {state['best_eval']:.4f} at step {state['best_step']}")
@@ -337,7 +357,6 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     bar.close()
     metrics.close()
 
-    model = accelerator.unwrap_model(model)
     if result.stopped == "early stopping" and state["best_step"] not in (None, state["step"]):
         best = next(p for p in checkpoint.complete_checkpoints(run_dir)
                     if checkpoint.read_meta(p)["step"] == state["best_step"])
@@ -346,13 +365,14 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         model.load_state_dict(load_file(str(best / "trainable.safetensors")), strict=False)
         log(f"final model = best checkpoint {best.name} (eval loss {state['best_eval']:.4f})")
 
-    model = _save_final(model, tok, cfg, run_dir, accelerator.is_main_process)
-    if cfg.eval.generate:
+    model = _save_final(model, tok, cfg, run_dir, main_process)
+    accelerator.wait_for_everyone()
+    if cfg.eval.generate and main_process:
         result.scores["tuned"] = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
         log(f"tuned model {cfg.eval.metric} on the held-out rows: {result.scores['tuned']:.3f}")
     result.seconds = time.time() - t_start
     result.model = model
-    if accelerator.is_main_process:
+    if main_process:
         plot_loss(run_dir)
         summary = {"steps": result.steps, "stopped": result.stopped, "final_loss": result.final_loss,
                    "eval_loss": result.eval_loss, "best_eval_loss": state["best_eval"], "best_step": state["best_step"],

@@ -100,8 +100,9 @@ class Batcher:
     """Micro-batches for each optimizer step, the same ones whatever process or restart asks."""
 
     def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int,
-                 pack: bool = False, max_length: int = 0, group_by_length: bool = True):
+                 pack: bool = False, max_length: int = 0, group_by_length: bool = True, rank: int = 0, world: int = 1):
         self.examples, self.bs, self.ga, self.seed, self.pad_id, self.pack = examples, batch_size, grad_accum, seed, pad_id, pack
+        self.rank, self.world = rank, world
         lengths = [len(e.input_ids) for e in examples]
         self.units = best_fit_decreasing(lengths, max_length) if pack else [[i] for i in range(len(examples))]
         self.sizes = [sum(lengths[i] for i in u) for u in self.units]
@@ -114,12 +115,12 @@ class Batcher:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(self.sizes, self.seed, epoch, self.bs * self.ga, self.group)}
+            self._orders = {epoch: epoch_order(self.sizes, self.seed, epoch, self.bs * self.ga * self.world, self.group)}
         return self._orders[epoch]
 
     def step_units(self, step: int) -> list[int]:
-        """Unit indices of optimizer step `step` (0-based): a slice of the epochs laid end to end."""
-        per_step, n = self.bs * self.ga, len(self.units)
+        """Unit indices of optimizer step `step` (0-based), all processes': a slice of the epochs laid end to end."""
+        per_step, n = self.bs * self.ga * self.world, len(self.units)
         out: list[int] = []
         pos = step * per_step
         while len(out) < per_step:
@@ -130,7 +131,9 @@ class Batcher:
         return out
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        units = self.step_units(step)
+        """This process's micro-batches of step `step`: its share of the step's units, none shared with another rank."""
+        share = self.bs * self.ga
+        units = self.step_units(step)[self.rank * share : (self.rank + 1) * share]
         if self.ga > 1 and self.group:  # similar lengths in each micro-batch
             units = sorted(units, key=lambda u: -self.sizes[u])
         out = []
