@@ -76,6 +76,7 @@ class TrainConfig:
     patience: int = 0  # early stopping: evals without improvement before stopping; 0 = off
     min_delta: float = 0.0  # early stopping: smallest eval-loss drop that counts as improvement
     max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run stops
+    max_forward_tokens: int = -1  # split micro-batches into passes of at most this many (padded) tokens: same result, less memory; -1 = auto (512 on CPU, 16384 on GPU), 0 = no split
     group_by_length: bool = True  # unpacked batches: put examples of similar length together so little is padded
     checkpointing: bool = False  # gradient checkpointing: less memory, about a third more compute
 

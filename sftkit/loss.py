@@ -66,7 +66,9 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     correct = 0
     for i in range(0, n, chunk_size):
         h, y = hidden[i : i + chunk_size], t[i : i + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and n > chunk_size:
+            # Several chunks: recompute each chunk's logits in backward rather than keep them all.
+            # One chunk: keeping its logits costs the same memory as recomputing them, and less time.
             loss, ok = checkpoint(_head_ce, head, h, y, use_reentrant=False)
         else:
             loss, ok = _head_ce(head, h, y)

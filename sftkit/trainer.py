@@ -94,6 +94,14 @@ def total_steps_for(cfg: Config, n_examples: int, world: int = 1) -> int:
     return max(1, math.ceil(cfg.train.epochs * n_examples / per_step))
 
 
+def forward_tokens(cfg: Config) -> int:
+    """Token budget of one forward pass. On CPU, small passes are as fast as big ones (measured:
+    benchmarks/throughput.py) and hold a fraction of the activations; GPUs want big ones."""
+    if cfg.train.max_forward_tokens >= 0:
+        return cfg.train.max_forward_tokens
+    return 16384 if torch.cuda.is_available() else 512
+
+
 def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that enter the loss: those whose label (shifted by one) is trained."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -218,7 +226,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
                       cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length,
-                      rank=accelerator.process_index, world=accelerator.num_processes)
+                      rank=accelerator.process_index, world=accelerator.num_processes,
+                      max_forward_tokens=forward_tokens(cfg))
     if cfg.data.pack:
         log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
             f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
@@ -273,7 +282,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
             loss_sum = 0.0
             try:
                 for k, mb in enumerate(micro):
-                    sync = nullcontext() if k == ga - 1 else accelerator.no_sync(step_module)
+                    # Gradients are exchanged once per step, after the last pass.
+                    sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(step_module)
                     with sync:
                         loss_k, _, _ = step_module(**{key: v.to(device) for key, v in mb.items()})
                         # DDP averages gradients over ranks; multiplying by the world size makes it a sum.

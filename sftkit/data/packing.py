@@ -100,9 +100,11 @@ class Batcher:
     """Micro-batches for each optimizer step, the same ones whatever process or restart asks."""
 
     def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int,
-                 pack: bool = False, max_length: int = 0, group_by_length: bool = True, rank: int = 0, world: int = 1):
+                 pack: bool = False, max_length: int = 0, group_by_length: bool = True, rank: int = 0, world: int = 1,
+                 max_forward_tokens: int = 0):
         self.examples, self.bs, self.ga, self.seed, self.pad_id, self.pack = examples, batch_size, grad_accum, seed, pad_id, pack
         self.rank, self.world = rank, world
+        self.max_forward_tokens = max_forward_tokens
         lengths = [len(e.input_ids) for e in examples]
         self.units = best_fit_decreasing(lengths, max_length) if pack else [[i] for i in range(len(examples))]
         self.sizes = [sum(lengths[i] for i in u) for u in self.units]
@@ -131,16 +133,29 @@ class Batcher:
         return out
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This process's micro-batches of step `step`: its share of the step's units, none shared with another rank."""
+        """This process's forward passes for step `step`: its share of the step's units, split into
+        `grad_accum` micro-batches and, where a micro-batch holds more than `max_forward_tokens`
+        (padded) tokens, into smaller passes. Splitting changes nothing in the result, because the
+        loss is normalised by the trained tokens of the whole step; it only bounds activation memory."""
         share = self.bs * self.ga
         units = self.step_units(step)[self.rank * share : (self.rank + 1) * share]
-        if self.ga > 1 and self.group:  # similar lengths in each micro-batch
+        if self.group:  # similar lengths in each pass: little padding
             units = sorted(units, key=lambda u: -self.sizes[u])
         out = []
         for k in range(self.ga):
-            chunk = [self.units[u] for u in units[k * self.bs : (k + 1) * self.bs]]
-            if self.pack:
-                out.append(pack_collate([[self.examples[i] for i in u] for u in chunk], self.pad_id))
-            else:
-                out.append(pad_collate([self.examples[u[0]] for u in chunk], self.pad_id))
+            for part in self._split(units[k * self.bs : (k + 1) * self.bs]):
+                rows = [[self.examples[i] for i in self.units[u]] for u in part]
+                out.append(pack_collate(rows, self.pad_id) if self.pack else pad_collate([r[0] for r in rows], self.pad_id))
         return out
+
+    def _split(self, units: list[int]) -> list[list[int]]:
+        if not self.max_forward_tokens:
+            return [units]
+        parts: list[list[int]] = []
+        for u in sorted(units, key=lambda u: -self.sizes[u]):
+            # Rows are padded to the longest of the pass, and the longest comes first.
+            if parts and (len(parts[-1]) + 1) * self.sizes[parts[-1][0]] <= self.max_forward_tokens:
+                parts[-1].append(u)
+            else:
+                parts.append([u])
+        return parts

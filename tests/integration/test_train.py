@@ -106,3 +106,11 @@ def test_packed_training_run(tmp_path, tiny_model_dir, chat_rows):
     assert records[-1]["loss"] < records[0]["loss"]
     # Every trained token of the data is seen once per epoch, packed or not.
     assert all(r["trained_tokens"] > 0 for r in records)
+
+
+def test_splitting_micro_batches_into_smaller_passes_changes_nothing(tmp_path, tiny_model_dir, chat_rows):
+    common = {"train.batch_size": 6, "train.grad_accum": 2, "train.max_steps": 3}
+    whole = train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "whole", **common, **{"train.max_forward_tokens": 0}))
+    split = train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "split", **common, **{"train.max_forward_tokens": 100}))
+    a, b = losses(whole.run_dir), losses(split.run_dir)
+    assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
