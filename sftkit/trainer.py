@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import Config, ConfigError, resume_conflicts, save_config
-from .data import prepare, renderer_for
+from .data import prepare, renderer_for, text_source
 from .data.packing import Batcher
-from .data.render import IGNORE, Renderer
-from .data.sources import Row
+from .data.render import IGNORE, Renderer, build_examples
+from .data.sources import Row, load_rows
 from .evaluate import evaluate_model, loss_metrics
 from .loss import TokenLoss
 from .models import apply_method, count_parameters, load_model
@@ -49,6 +49,7 @@ class RunResult:
     scores: dict[str, float] = field(default_factory=dict)  # "base"/"tuned" -> metric value
     seconds: float = 0.0
     stopped: str = "completed"  # completed | early stopping | signal
+    forgetting: float | None = None  # relative rise of the reference-text perplexity, last eval
     model: torch.nn.Module | None = None  # the final in-memory model (merged for LoRA)
 
 
@@ -213,6 +214,20 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         result.scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
         log(f"base model {cfg.eval.metric} on the held-out rows: {result.scores['base']:.3f}")
 
+    # Forgetting: perplexity on general text, for the base model now and the tuned model at each eval.
+    ref_ex: list = []
+    if cfg.eval.reference:
+        ref_ex, _ = build_examples(load_rows(text_source(cfg.eval.reference), "text"), renderer)
+    base_ref_ppl = None
+    if ref_ex and start_ckpt is None:
+        base_ref_ppl = loss_metrics(model, ref_ex, cfg.train.batch_size, tok.pad_token_id)["perplexity"]
+        log(f"base model perplexity on the reference text ({cfg.eval.reference}): {base_ref_ppl:.3f}")
+    frozen = None
+    if cfg.train.kl_to_base > 0 and cfg.peft.method in ("full", "freeze"):
+        import copy
+
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)  # the base, for the KL term
+
     # Method and optimiser. Seeding right before wrapping makes the LoRA init reproducible.
     torch.manual_seed(cfg.train.seed)
     model = apply_method(model, cfg.peft)
@@ -236,11 +251,12 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio))
     # DDP hooks `forward`: the module it wraps computes the loss, so the whole step goes through it.
-    step_module, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    step_module, optimizer = accelerator.prepare(TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen),
+                                                 optimizer)
     step_module.train()
 
     # Where the run stands: restored from the checkpoint on --resume.
-    state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "bad_steps": 0}
+    state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "bad_steps": 0, "base_ref_ppl": base_ref_ppl}
     if start_ckpt is not None:
         saved_world = checkpoint.read_meta(start_ckpt).get("world", 1)
         if saved_world != world:
@@ -323,6 +339,11 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
             record.update(tokens=n_tokens, step_seconds=round(time.time() - t0, 4))
             last = state["step"] == total_steps
             improved = False
+            if (eval_ex or ref_ex) and ((cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last):
+                if ref_ex:
+                    record["ref_ppl"] = loss_metrics(model, ref_ex, bs, pad_id)["perplexity"]
+                    record["forgetting"] = record["ref_ppl"] / state["base_ref_ppl"] - 1
+                    result.forgetting = record["forgetting"]
             if eval_ex and ((cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last):
                 ev = loss_metrics(model, eval_ex, bs, pad_id)
                 record.update(eval_loss=ev["eval_loss"], eval_ppl=ev["perplexity"], eval_accuracy=ev["token_accuracy"])
@@ -387,6 +408,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         summary = {"steps": result.steps, "stopped": result.stopped, "final_loss": result.final_loss,
                    "eval_loss": result.eval_loss, "best_eval_loss": state["best_eval"], "best_step": state["best_step"],
                    "metric": cfg.eval.metric if cfg.eval.generate else None, "scores": result.scores,
+                   "base_ref_ppl": state["base_ref_ppl"], "forgetting": result.forgetting,
                    "method": cfg.peft.method, "trainable_parameters": trainable, "total_parameters": total,
                    "train_examples": len(train_ex), "seconds": round(result.seconds, 1)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

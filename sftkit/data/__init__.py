@@ -42,12 +42,41 @@ def read(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row], ReadStats]:
     stats = ReadStats()
     groups = [(load_rows(path, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats), w) for path, w in sources]
     train = mix(groups, seed) if len(groups) > 1 or groups[0][1] != 1.0 else groups[0][0]
+    if cfg.replay:
+        train = train + replay_rows(cfg.replay, len(train), seed)
     held: list[Row] = []
     if cfg.eval:
         held = load_rows(cfg.eval, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats, split="validation")
     elif cfg.eval_fraction > 0:
         train, held = split_eval(train, cfg.eval_fraction, seed)
     return train, held, stats
+
+
+def resource(name: str) -> str:
+    """A file shipped inside the package (e.g. the built-in reference text)."""
+    from importlib.resources import files
+
+    return str(files("sftkit") / "resources" / name)
+
+
+def text_source(spec: str) -> str:
+    return resource("reference.jsonl") if spec == "builtin" else spec
+
+
+def replay_rows(spec: dict, n_train: int, seed: int) -> list[Row]:
+    """data.replay {source, ratio}: general-text rows (loss on every token), ratio x the task rows, drawn by seed."""
+    import random
+
+    unknown = set(spec) - {"source", "ratio"}
+    if unknown or "source" not in spec:
+        raise DataError(f"data.replay: expected {{source: FILE or builtin, ratio: 0.1}}, got {spec!r}")
+    ratio = float(spec.get("ratio", 0.1))
+    if not 0 < ratio <= 10:
+        raise DataError(f"data.replay.ratio: expected a number in (0, 10], got {ratio}")
+    rows = load_rows(text_source(str(spec["source"])), "text")
+    n = max(1, round(ratio * n_train))
+    rng = random.Random(seed + 1)
+    return [rows[rng.randrange(len(rows))] for _ in range(n)]
 
 
 def prepare(cfg: DataConfig, seed: int, renderer: Renderer) -> Prepared:

@@ -48,6 +48,7 @@ class Row:
     kind: str  # the format the row was written in (one of FORMATS)
     n_prompt: int = 0  # prompt/completion rows: how many messages belong to the prompt
     text: str | None = None  # text rows: the whole text
+    raw: Any = field(default=None, repr=False)  # the row as read, for `data clean` to write back unchanged
 
 
 @dataclass
@@ -206,6 +207,11 @@ class Normaliser:
         return v
 
     def __call__(self, obj: Any, line: int) -> Row:
+        row = self._normalise(obj, line)
+        row.raw = obj
+        return row
+
+    def _normalise(self, obj: Any, line: int) -> Row:
         if not isinstance(obj, dict):
             raise DataError(f"{self.source}:{line}: expected an object per row, got {type(obj).__name__}", "wrong type")
         fmt = self.fmt if self.fmt != "auto" else self._detect(obj, line)

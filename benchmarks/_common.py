@@ -1,0 +1,28 @@
+"""Shared by the benchmark scripts: each owns one `## ` section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def update_section(title: str, body: str, path: Path = DOC) -> Path:
+    """Replace (or add) the section `## title` of the file, keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    head, *sections = text.split("\n## ")
+    sections = [s for s in sections if not s.startswith(title)]
+    sections.append(f"{title}\n\n{body.strip()}\n")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(head.rstrip() + "\n" + "".join("\n## " + s.rstrip() + "\n" for s in sorted(sections)))
+    return path
