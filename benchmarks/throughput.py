@@ -196,8 +196,16 @@ def main() -> None:
             results[name] = {"error": (p.stderr.strip().splitlines() or ["failed"])[-1][:200]}
             continue
         results[name] = json.loads(line[len("RESULT "):])
+        results[name]["steps"] = args.steps
+        (WORK / "results").mkdir(exist_ok=True)
+        (WORK / "results" / f"{name}.json").write_text(json.dumps(results[name]))
         print(f"   {results[name]} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-    write_table(results, args, train)
+    # The table holds every row measured so far (rows not re-run come from runs/bench/results/).
+    for name in ROWS:
+        saved = WORK / "results" / f"{name}.json"
+        if name not in results and saved.exists():
+            results[name] = json.loads(saved.read_text())
+    write_table({n: results[n] for n in ROWS if n in results}, args, train)
 
 
 def write_table(results: dict, args, train: Path) -> None:

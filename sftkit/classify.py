@@ -287,6 +287,8 @@ def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True) -
                 loss += float(F.cross_entropy(lg, y_eval[idx], weight=weights, reduction="sum"))
                 preds += lg.argmax(-1).tolist()
         model.train()
+        if method == "head":
+            model.base_model.eval()  # the frozen backbone stays without dropout
         rep = classification_report([labels[p] for p in preds], [r.label for r in eval_rows])
         return {"eval_loss": loss / len(eval_rows), "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"]}, rep
 

@@ -193,7 +193,8 @@ def lint(rows: list[Row], tokenizer, max_length: int,
         if reply_lengths[i] > max_length:
             found[f"reply longer than data.max_length={max_length} (would be truncated)"].append(i)
     if len(reply_lengths) >= 20:
-        cut = max(4 * percentile(reply_lengths, 50), percentile(reply_lengths, 99)) + 1
+        # Far beyond the typical reply: four times the median and twice the 90th percentile.
+        cut = max(4 * percentile(reply_lengths, 50), 2 * percentile(reply_lengths, 90))
         found[f"extreme length (reply over {cut} tokens)"] = [i for i, n in enumerate(reply_lengths) if n > cut]
     return {k: v for k, v in found.items() if v}
 

@@ -67,7 +67,10 @@ def test_qlora_trains_and_merges_into_full_precision(tmp_path, tiny_model_dir, c
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(None, cfg_dict(tmp_path, tiny_model_dir, chat_rows, "q", **{
-        "peft.method": "qlora", "peft.r": 4, "train.max_steps": 3, "train.lr": 1e-2}))
+        "peft.method": "qlora", "peft.r": 4, "train.max_steps": 3, "train.lr": 1e-2,
+        # bitsandbytes' no-grad 4-bit CPU kernel rejects this toy's 32-wide layers (real models are fine:
+        # benchmarks/throughput.py scores SmolLM2 under QLoRA), so skip the no-grad reference pass here.
+        "eval.reference": None}))
     r = train(cfg)
     ls = losses(r.run_dir)
     assert len(ls) == 3 and all(x == x for x in ls)
@@ -237,3 +240,29 @@ def test_unwritable_output_dir_and_full_disk_fail_before_training(tmp_path, tiny
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(ConfigError, match="not enough disk space"):
         train(load_config(None, cfg_dict(tmp_path, tiny_model_dir, chat_rows, "disk")))
+
+
+def test_out_of_memory_names_the_knobs(tmp_path, tiny_model_dir, chat_rows, monkeypatch):
+    from sftkit import loss
+
+    def oom(self, **batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(loss.TokenLoss, "forward", oom)  # fault injection: the allocation that fails
+    with pytest.raises(TrainingError) as e:
+        train(load_config(None, cfg_dict(tmp_path, tiny_model_dir, chat_rows, "oom")))
+    msg = str(e.value)
+    for knob in ("train.batch_size", "train.grad_accum", "data.max_length", "train.checkpointing", "peft.method=qlora"):
+        assert knob in msg
+
+
+def test_tensorboard_logging(tmp_path, tiny_model_dir, chat_rows):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = train(load_config(None, cfg_dict(tmp_path, tiny_model_dir, chat_rows, "tb", **{
+        "log.tensorboard": True, "train.max_steps": 3})))
+    acc = EventAccumulator(str(r.run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx(losses(r.run_dir))

@@ -55,7 +55,20 @@ def run(tmp_path, tiny_model_dir, chat_rows, name, **over):
     return train(load_config(None, cfg))
 
 
-def test_forgetting_is_measured_and_the_kl_guard_lowers_it(tmp_path, tiny_model_dir, chat_rows):
+@pytest.fixture(scope="module")
+def knows_the_reference(tiny_model_dir, tmp_path_factory):
+    """A tiny model that has learnt the reference text, so it has something to forget."""
+    from sftkit.data import resource
+
+    out = tmp_path_factory.mktemp("pre") / "pre"
+    train(load_config(None, {"model.name": str(tiny_model_dir), "data.train": resource("reference.jsonl"),
+                             "data.max_length": 256, "peft.method": "full", "train.lr": 1e-2, "train.max_steps": 40,
+                             "train.batch_size": 4, "output_dir": str(out), "eval.reference": None}))
+    return out / "final" / "model"
+
+
+def test_forgetting_is_measured_and_the_kl_guard_lowers_it(tmp_path, knows_the_reference, chat_rows):
+    tiny_model_dir = knows_the_reference
     plain = run(tmp_path, tiny_model_dir, chat_rows, "plain")
     records = [json.loads(x) for x in open(plain.run_dir / "metrics.jsonl")]
     assert [r["step"] for r in records if "forgetting" in r] == [5, 10, 15]
