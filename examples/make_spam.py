@@ -4,7 +4,7 @@
 
 In the spirit of moving a spam filter from e-mail to social-media messages: texts are built from
 templates with shared vocabulary on both sides (ham that says "free" or "win", spam written
-casually), so a bag of keywords is not enough. Deterministic: the same seed writes the same files.
+casually) and 3% of labels flipped, so a bag of keywords is not enough and no model scores 1.0. Deterministic: the same seed writes the same files.
 """
 
 import csv
@@ -34,6 +34,11 @@ HAM = [
     "lol that meme {n} sent, I can't",
     "I left {th} at {p}, can you check?",
     "congrats on the new job!! celebrate {t}?",
+    "click the link I sent for the photos from {p}",
+    "you won't believe it, {n} won {pr} in the office raffle",
+    "call me at 0800 when you're at {p}, urgent-ish",
+    "reply yes or no: dinner {t}?",
+    "the delivery guy left {th} at {p}, free to pick it up?",
 ]
 SPAM = [
     "congratulations! you have been selected to win {pr}. {a} now",
@@ -46,6 +51,9 @@ SPAM = [
     "your parcel could not be delivered. {a} to reschedule",
     "free entry to win {pr} every week, {a}",
     "limited offer for {p} members: {pr} for free, {a}",
+    "hey, long time! {n} here, got something for you {t}, {a}",
+    "your friend {n} shared {pr} with you, {a} to accept",
+    "we tried to reach you about {th}, {a}",
 ]
 
 
@@ -63,7 +71,10 @@ def rows(n: int, rng: random.Random) -> list[dict]:
     out = []
     for _ in range(n):
         spam = rng.random() < 0.25
-        out.append({"text": fill(rng.choice(SPAM if spam else HAM), rng), "label": "spam" if spam else "ham"})
+        text = fill(rng.choice(SPAM if spam else HAM), rng)
+        if rng.random() < 0.03:  # label noise, as in any real hand-labelled set
+            spam = not spam
+        out.append({"text": text, "label": "spam" if spam else "ham"})
     return out
 
 
