@@ -82,6 +82,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     tok = load_tokenizer(cfg.model.name)
+    if cfg.task == "classification":
+        return inspect_classification(cfg, tok, args)
     prepared = prepare(cfg.data, cfg.train.seed, renderer_for(cfg.data, tok))
     color = sys.stdout.isatty() and not args.no_color
     print(report(prepared, tok, n_samples=args.n, color=color))
@@ -259,6 +261,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     n = predict(args.run, args.input, args.output, batch_size=args.batch_size)
     print(f"wrote {n} predictions (label + probabilities) to {args.output}")
+    return 0
+
+
+def inspect_classification(cfg, tok, args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .classify import read_labelled
+    from .data.quality import analyse, percentile, quality_summary
+    from .data.sources import Row
+
+    rows, skipped = read_labelled(cfg.data.train, cfg.data.columns, cfg.data.on_error)
+    counts = Counter(r.label for r in rows)
+    lengths = [len(x) for x in tok([r.text for r in rows], add_special_tokens=False)["input_ids"]]
+    print(f"train: {len(rows)} rows" + (f", skipped {dict(skipped)}" if skipped else "") + "; labels: "
+          + ", ".join(f"{k} {v} ({v / len(rows):.0%})" for k, v in counts.most_common()))
+    print(f"tokens per text: p50 {percentile(lengths, 50)}, p90 {percentile(lengths, 90)}, max {max(lengths)}; "
+          f"{sum(n > cfg.data.max_length for n in lengths)} longer than data.max_length={cfg.data.max_length}")
+    as_rows = [Row([], r.source, r.line, "text", text=r.text) for r in rows]
+    tests = []
+    if cfg.data.eval:
+        tests = [Row([], r.source, r.line, "text", text=r.text) for r in read_labelled(cfg.data.eval, cfg.data.columns)[0]]
+    q = analyse(as_rows, tests, tok, cfg.data.max_length, diversity=not args.no_embeddings, labels=[r.label for r in rows])
+    print("\n" + quality_summary(q, as_rows, tests))
     return 0
 
 

@@ -91,3 +91,14 @@ def test_bad_rows_and_class_weights_and_stratified_split(tmp_path, tiny_model_di
     assert w.tolist() == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])
     train, held = stratified_split(rows, 0.5, 0)
     assert sorted(r.label for r in held) == ["a", "a", "a", "b"]
+
+
+def test_data_inspect_reports_labels_and_imbalance(tmp_path, tiny_model_dir, capsys):
+    rows = [{"text": f"fine message {i}", "label": "ham"} for i in range(9)] + [{"text": "win cash now", "label": "spam"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"task: classification\nmodel:\n  name: {tiny_model_dir}\ndata:\n  train: {data}\n")
+    assert main(["data", "inspect", str(cfg_path), "--no-embeddings"]) == 0
+    out = capsys.readouterr().out
+    assert "labels: ham 9 (90%), spam 1 (10%)" in out
+    assert "imbalance 9.0:1, consider classify.class_weights=auto" in out
