@@ -5,8 +5,8 @@
 Rows are synthetic prompt/completion pairs (random words, 10-60 per reply) with 1% exact and 1%
 near duplicates planted; the eval set shares a 13-gram with 100 training rows. Timed: reading and
 normalising the JSONL, then every analysis (exact and MinHash near duplicates, 13-gram
-contamination, lint including a tokenizer pass over all replies, first words, MiniLM embedding
-diversity on a 2,000-row sample). Writes its section of docs/benchmarks.md.
+contamination, lint, first words, MiniLM embedding
+diversity on a 1,000-row sample (64 tokens each)). Writes its section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def main() -> None:
         f"| {args.rows:,} | {t_read:.1f} | {total:.1f} | {found} |", "",
         "Planted: 1% exact duplicates, 1% near duplicates (a reply plus one word), 100 rows sharing a 20-word "
         "passage with the eval set. The analysis: exact duplicates after normalisation, MinHash LSH near duplicates "
-        "(datasketch, 64 permutations, word 3-grams, threshold 0.8), 13-gram contamination, lint (with one batched "
-        "tokenizer pass over all replies), first words, MiniLM embedding diversity on a 2,000-row sample.",
+        "(datasketch, 64 permutations, word 3-grams, threshold 0.8), 13-gram contamination, lint (one batched "
+        "tokenizer pass over the replies long enough to pass max_length), first words, MiniLM embedding diversity on a 1,000-row sample (64 tokens each).",
     ])
     print(f"wrote {update_section('Data quality analysis speed', body)}")
 
