@@ -65,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # the summary is rank 0's to print
     print(f"done: {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}"
-          + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+          + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+          + (f"; forgetting (reference-text perplexity rise) {result.forgetting:+.1%}" if result.forgetting is not None else ""))
     if result.scores:
         metric = cfg.eval.metric
         print(f"\n{'model':<8} {metric:>12}   (on {cfg.data.eval})")

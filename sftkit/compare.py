@@ -92,6 +92,16 @@ def differing_rows(base: EvalResult, tuned: EvalResult, metric: str, n: int = 5)
 def report_md(results: dict[str, EvalResult], data: str, metric: str, base_name: str, run: Path) -> str:
     lines = [f"# Base vs tuned on `{data}`", "", f"Base: `{base_name}`; tuned: `{run}`.", "", "```",
              table(results), "```", "", "![compare](compare.png)", ""]
+    summary = run / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        if s.get("forgetting") is not None:
+            gain = {m: results["tuned"].metrics[m] - results["base"].metrics[m] for m in results["tuned"].metrics
+                    if m in results["base"].metrics and m not in ("eval_loss", "perplexity")}
+            lines += ["## Task gain next to forgetting", "",
+                      "Task gain (tuned - base): " + ", ".join(f"{m} {v:+.3f}" for m, v in gain.items()) + ".  ",
+                      f"Forgetting: perplexity on the reference text (`eval.reference`) {s['base_ref_ppl']:.3f} -> "
+                      f"{s['base_ref_ppl'] * (1 + s['forgetting']):.3f} ({s['forgetting']:+.1%}).", ""]
     names = list(results)
     base, tuned = results[names[0]], results[names[1]]
     rows = differing_rows(base, tuned, metric)

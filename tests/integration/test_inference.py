@@ -53,6 +53,7 @@ def test_compare_writes_report_and_plot(tiny_run, tiny_model_dir, capsys):
     assert (run / "compare.png").stat().st_size > 1000
     report = (run / "report.md").read_text()
     assert "# Base vs tuned" in report and "exact_match" in report
+    assert "## Task gain next to forgetting" in report and "Forgetting: perplexity on the reference text" in report
     for name in ("base", "tuned", "base+2shot"):
         assert (run / "compare" / name / "eval.json").is_file()
 
