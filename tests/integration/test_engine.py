@@ -266,3 +266,16 @@ def test_tensorboard_logging(tmp_path, tiny_model_dir, chat_rows):
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx(losses(r.run_dir))
+
+
+def test_mlflow_logging_to_a_local_sqlite_store(tmp_path, tiny_model_dir, chat_rows):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = train(load_config(None, cfg_dict(tmp_path, tiny_model_dir, chat_rows, "mlf", **{
+        "log.mlflow": uri, "train.max_steps": 3})))
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sftkit").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in history] == pytest.approx(losses(r.run_dir))
+    assert run.data.params["train.max_steps"] == "3"
