@@ -282,7 +282,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
             raise TrainingError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
                                 + (f"the last complete checkpoint {last[-1]} is intact" if last else "no checkpoint")
                                 ) from None
-        checkpoint.prune(run_dir, cfg.train.keep, state["best_step"])
+        if main_process:  # one process deletes; two would race on the same directories
+            checkpoint.prune(run_dir, cfg.train.keep, state["best_step"])
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", file=sys.stderr, dynamic_ncols=True)
     t_loop, seen_tokens = time.time(), 0
