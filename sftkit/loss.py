@@ -18,6 +18,9 @@ from .data.render import IGNORE
 
 # Models whose logits are more than `lm_head(hidden)`; they take the plain full-logits path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# What a batch passes to the model; packed rows add the examples' boundaries (see sftkit.attention).
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids",
+                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 @dataclass
@@ -74,7 +77,7 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     targets = labels[:, 1:]
     keep = targets != IGNORE
     n = int(keep.sum())
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
     # No cache: training never needs one, and with packed rows a cache would stop transformers from
     # building the block-diagonal mask out of the position ids.
     inputs["use_cache"] = False

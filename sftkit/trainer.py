@@ -21,6 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .attention import use_packed_attention
 from .config import Config, ConfigError, resume_conflicts, save_config
 from .data import prepare, renderer_for, text_source
 from .data.packing import Batcher
@@ -210,6 +211,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     device = accelerator.device
     if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
         model.to(device)
+    if cfg.data.pack:
+        log(f"packed rows: attention {use_packed_attention(model)}")
     if cfg.eval.generate and cfg.eval.compare_base and start_ckpt is None and main_process:
         result.scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
         log(f"base model {cfg.eval.metric} on the held-out rows: {result.scores['base']:.3f}")
@@ -302,7 +305,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
                     # Gradients are exchanged once per step, after the last pass.
                     sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(step_module)
                     with sync:
-                        loss_k, _, _ = step_module(**{key: v.to(device) for key, v in mb.items()})
+                        loss_k, _, _ = step_module(**{key: v.to(device) if torch.is_tensor(v) else v for key, v in mb.items()})
                         # DDP averages gradients over ranks; multiplying by the world size makes it a sum.
                         accelerator.backward(loss_k * world / step_tokens)
                     loss_sum += float(loss_k.detach())

@@ -3,9 +3,10 @@
 Order is a function of (seed, epoch, step) alone, so a resumed run needs no sampler state: step
 s takes its samples from the epochs' permutations laid end to end.
 
-Packing puts several examples in one row. Their positions restart at 0, and no attention mask is
-passed, so transformers builds a block-diagonal causal mask from the position ids (and
-flash-attention takes its varlen path): a token never attends to another example.
+Packing puts several examples in one flat row. Their positions restart at 0 and the row carries
+the examples' cumulative lengths (`cu_seq_lens_q`), which sftkit's attention (`sftkit.attention`)
+and flash-attention's varlen path read: a token never attends to another example. A model on
+another attention gets, from the restarting position ids, transformers' block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -32,27 +33,21 @@ def pad_collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]
 
 
 def pack_collate(bins: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
-    """One row per bin: examples end to end, positions restarting at 0 for each, no attention mask."""
-    width = max(sum(len(e.input_ids) for e in b) for b in bins)
-    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
-    pos = torch.zeros((len(bins), width), dtype=torch.long)
-    for r, b in enumerate(bins):
-        at = 0
-        for e in b:
-            n = len(e.input_ids)
-            ids[r, at : at + n] = torch.tensor(e.input_ids)
-            labels[r, at : at + n] = torch.tensor(e.labels)
-            # The first token of an example is never a target: predicting it would use the
-            # previous example's last token, i.e. attend across examples.
-            labels[r, at] = IGNORE
-            pos[r, at : at + n] = torch.arange(n)
-            at += n
-        # The padded tail is a segment of its own (positions from 0): untrained, and no real
-        # token attends to it because it comes last.
-        pos[r, at:] = torch.arange(width - at)
-    real = sum(len(e.input_ids) for b in bins for e in b)
-    return {"input_ids": ids, "position_ids": pos, "labels": labels, "real_tokens": torch.tensor(real)}
+    """All the bins' examples end to end in one flat row, with no padding: positions restart at 0
+    for each example, and `cu_seq_lens_q`/`_k` (cumulative lengths, flash-attention's varlen
+    format) tell the attention where each example starts, so none attends to another."""
+    examples = [e for b in bins for e in b]
+    lengths = [len(e.input_ids) for e in examples]
+    ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)[None]
+    labels = torch.tensor([t for e in examples for t in e.labels], dtype=torch.long)[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    # The first token of an example is never a target: predicting it would use the previous
+    # example's last token, i.e. attend across examples.
+    labels[0, cu[:-1].long()] = IGNORE
+    return {"input_ids": ids, "position_ids": pos, "labels": labels, "real_tokens": torch.tensor(sum(lengths)),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -153,8 +148,11 @@ class Batcher:
             return [units]
         parts: list[list[int]] = []
         for u in sorted(units, key=lambda u: -self.sizes[u]):
-            # Rows are padded to the longest of the pass, and the longest comes first.
-            if parts and (len(parts[-1]) + 1) * self.sizes[parts[-1][0]] <= self.max_forward_tokens:
+            # Padded rows are as long as the longest of the pass, which comes first; packed bins
+            # are laid end to end without padding.
+            cost = sum(self.sizes[v] for v in parts[-1]) + self.sizes[u] if self.pack and parts \
+                else (len(parts[-1]) + 1) * self.sizes[parts[-1][0]] if parts else 0
+            if parts and cost <= self.max_forward_tokens:
                 parts[-1].append(u)
             else:
                 parts.append([u])

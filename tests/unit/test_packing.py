@@ -1,7 +1,9 @@
 """Packing: bins, positions, no attention across examples, and loss/grads equal to one-by-one."""
 
+import pytest
 import torch
 
+from sftkit.attention import use_packed_attention
 from sftkit.data.packing import Batcher, best_fit_decreasing, pack_collate, pad_collate
 from sftkit.data.render import IGNORE, Renderer, build_examples
 from sftkit.data.sources import Normaliser
@@ -32,14 +34,33 @@ def test_pack_collate_positions_restart_and_first_tokens_untrained(tokenizer, ch
     starts = [sum(lens[:k]) for k in range(3)]
     assert all(batch["labels"][0, s] == IGNORE for s in starts)
     assert "attention_mask" not in batch
+    assert batch["input_ids"].shape == (1, sum(lens))  # one flat row, no padding
+    assert batch["cu_seq_lens_q"].tolist() == [0, *[sum(lens[: k + 1]) for k in range(3)]]
+    assert batch["max_length_q"] == max(lens)
 
 
-def test_packed_examples_never_attend_to_each_other(tokenizer, chat_rows):
-    model = make_tiny_llama(tokenizer).eval()
+# sftkit_sdpa: per-example causal SDPA from cu_seq_lens; sdpa and eager: transformers' block-diagonal
+# mask from the restarting position ids. All three must give the one-by-one result.
+IMPLEMENTATIONS = ["sftkit_sdpa", "sdpa", "eager"]
+
+
+def tiny_model(tokenizer, impl):
+    model = make_tiny_llama(tokenizer)
+    if impl == "sftkit_sdpa":
+        assert use_packed_attention(model) == "sftkit_sdpa"
+    else:
+        model.set_attn_implementation(impl)
+    return model
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_packed_examples_never_attend_to_each_other(tokenizer, chat_rows, impl):
+    model = tiny_model(tokenizer, impl).eval()
     a, b = examples(tokenizer, chat_rows)[:2]
     changed = type(a)([t + 1 for t in a.input_ids], a.labels)
     def logits(batch):  # use_cache=False as in training: a cache disables the packed mask
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        keys = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+        return model(**{k: batch[k] for k in keys}, use_cache=False).logits
 
     with torch.no_grad():
         out1, out2 = logits(pack_collate([[a, b]], 0)), logits(pack_collate([[changed, b]], 0))
@@ -49,8 +70,9 @@ def test_packed_examples_never_attend_to_each_other(tokenizer, chat_rows):
     torch.testing.assert_close(out1[0, n:], alone[0], rtol=1e-5, atol=1e-5)  # as if b were alone
 
 
-def test_packed_loss_and_grads_equal_one_by_one(tokenizer, chat_rows):
-    model = make_tiny_llama(tokenizer)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_packed_loss_and_grads_equal_one_by_one(tokenizer, chat_rows, impl):
+    model = tiny_model(tokenizer, impl)
     exs = examples(tokenizer, chat_rows)
     bins = best_fit_decreasing([len(e.input_ids) for e in exs], 256)
     assert len(bins) < len(exs)  # something was really packed

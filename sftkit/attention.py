@@ -1,0 +1,70 @@
+"""Attention for packed rows without a tokens x tokens mask: each example attends causally to itself.
+
+A packed micro-batch is one flat row of examples laid end to end, described by `cu_seq_lens_q`
+(the cumulative example lengths, as flash-attention's varlen kernel takes them). On a GPU with
+flash-attention installed the model uses `flash_attention_2`, which reads those same arguments.
+Elsewhere (CPU, or no flash-attention) the model uses `sftkit_sdpa`, registered here: with
+`cu_seq_lens_q` it runs PyTorch's scaled-dot-product attention once per example with
+`is_causal=True`, so the kernel skips the tiles above the diagonal and never computes the tiles
+between examples that a block-diagonal mask would throw away; without it (padded batches,
+generation) it is transformers' own `sdpa`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+NAME = "sftkit_sdpa"
+
+
+def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        **kwargs) -> tuple[torch.Tensor, None]:
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1 or kwargs.get("past_key_values") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # query: (1, heads, tokens, head_dim); key/value may have fewer heads (grouped-query attention).
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if sum(lengths) != query.shape[2]:
+        raise ValueError(f"cu_seq_lens_q covers {sum(lengths)} tokens but the row has {query.shape[2]}")
+    gqa = key.shape[1] != query.shape[1]
+    # split (not slicing) so that the backward pass concatenates the gradients in one go.
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
+    return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, varlen_sdpa_forward)
+# Padded batches still need transformers' SDPA mask under our name.
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def flash_attention_available(model: torch.nn.Module) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return bool(getattr(model, "_supports_flash_attn", False))
+
+
+def use_packed_attention(model: torch.nn.Module) -> str:
+    """Switch a model that uses SDPA to the packing-aware attention; returns the implementation in use.
+
+    Models on eager or another implementation are left alone: they get the block-diagonal mask that
+    transformers builds from the restarting position ids, which is also exact, only slower."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current not in ("sdpa", NAME):
+        return current
+    target = "flash_attention_2" if flash_attention_available(model) else NAME
+    if current != target:
+        model.set_attn_implementation(target)
+    return target
