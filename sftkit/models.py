@@ -223,6 +223,10 @@ def apply_method(model: PreTrainedModel, cfg: PeftConfig) -> PreTrainedModel:
             use_dora=cfg.dora,
             task_type="CAUSAL_LM",
         )
+        if cfg.method == "lora":
+            from .lora import use_fused_lora
+
+            use_fused_lora(lora)
         try:
             return get_peft_model(model, lora)
         except ValueError as e:
