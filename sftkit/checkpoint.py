@@ -1,4 +1,11 @@
-"""Checkpoints that are either complete or absent: written aside, then renamed into place."""
+"""Checkpoints that are either complete or absent: written aside, then renamed into place.
+
+Weights and optimizer state go through torch.distributed.checkpoint's state-dict functions, which
+gather whole tensors from whatever wraps the model (nothing, DDP, FSDP) and put them back the same
+way, so one checkpoint format serves every engine: the trainable weights by name
+(`trainable.safetensors`) and the optimizer state by parameter name (`state.pt`). Under FSDP these
+calls are collective: every rank makes them, rank 0 receives the whole tensors and writes them.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,44 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+# Whole tensors on the CPU (rank 0 only, under FSDP), trainable ones only.
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changes: the adapter weights for LoRA, every weight for full."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
+def trainable_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Only what training changes: the adapter weights for LoRA, every weight for full.
+
+    Names are the unwrapped model's (no DDP/FSDP prefixes), less `prefix` (the trainer passes its
+    loss module, whose `model.` names the model). Collective under FSDP."""
+    return {n.removeprefix(prefix): t.detach().cpu().contiguous()
+            for n, t in get_model_state_dict(model, options=_GATHER).items()}
+
+
+def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, prefix: str = "") -> None:
+    """Put trainable weights back into the (possibly wrapped or sharded) model; every rank calls it."""
+    expected = {n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "").removeprefix(prefix)
+                for n, p in _unwrap_ddp(model).named_parameters() if p.requires_grad}
+    missing = expected - set(weights)
+    if missing:
+        raise ValueError(f"{source}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    set_model_state_dict(model, {prefix + n: t for n, t in weights.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
 
 
 def rng_state() -> dict:
@@ -29,12 +68,12 @@ def rng_state() -> dict:
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict,
-         rank: int = 0, barrier=None) -> Path:
+         rank: int = 0, barrier=None, prefix: str = "") -> Path:
     """Write checkpoints/step-N atomically and return its path.
 
-    With several processes every rank calls this: rank 0 writes the weights and optimizer (the
-    same on every rank under DDP), each rank its own RNG state, and only then does rank 0 rename
-    the directory into place.
+    With several processes every rank calls this: the weights and optimizer state are gathered
+    (a no-op under DDP, where every rank holds them whole), rank 0 writes them, each rank writes
+    its own RNG state, and only then does rank 0 rename the directory into place.
     """
     barrier = barrier or (lambda: None)
     final = run_dir / "checkpoints" / f"step-{step:07d}"
@@ -44,9 +83,11 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    weights = trainable_state(model, prefix)
+    optim = get_optimizer_state_dict(model, _inner(optimizer), options=_GATHER)
     if rank == 0:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **extra}, indent=1))
     barrier()
     if rank == 0:
@@ -72,17 +113,14 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
-def load(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
+def load(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0, prefix: str = "") -> dict:
     """Restore trainable weights, optimizer, scheduler and RNG states; return the checkpoint's meta."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "trainable.safetensors"))
-    missing = set(trainable_state(model)) - set(weights)
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-    model.load_state_dict(weights, strict=False)
+    load_trainable(model, load_file(str(path / "trainable.safetensors")), str(path), prefix)
     state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(model, _inner(optimizer), state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)
     random.setstate(rng["python"])

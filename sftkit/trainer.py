@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint
@@ -174,6 +174,10 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     # backstop; a rank that dies closes its sockets and the others fail at once.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=600))])
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("DeepSpeed is not supported by sftkit's trainer yet: its checkpoints gather weights and "
+                          "optimizer state through torch.distributed.checkpoint, which cannot read DeepSpeed's ZeRO "
+                          "optimizer. Shard with configs/accelerate/fsdp.yaml instead, or replicate with ddp.yaml")
     main_process = accelerator.is_main_process
     world = accelerator.num_processes
     if main_process:
@@ -265,7 +269,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         if saved_world != world:
             raise ConfigError(f"--resume: {start_ckpt} was written by {saved_world} process(es), this run has {world}; "
                               f"resume with --nproc {saved_world} (the split of each step's batch depends on it)")
-        meta = checkpoint.load(start_ckpt, model, optimizer, scheduler, accelerator.process_index)
+        meta = checkpoint.load(start_ckpt, step_module, optimizer, scheduler, accelerator.process_index, "model.")
         state.update(meta["state"])
         log(f"resuming from {start_ckpt} at step {state['step']}")
     metrics = MetricsLog(run_dir, cfg, state["step"], main_process)
@@ -277,9 +281,9 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
 
     def save_checkpoint() -> None:
         try:
-            checkpoint.save(run_dir, state["step"], model, optimizer, scheduler,
+            checkpoint.save(run_dir, state["step"], step_module, optimizer, scheduler,
                             {"config": cfg.to_dict(), "state": dict(state), "world": world},
-                            accelerator.process_index, accelerator.wait_for_everyone)
+                            accelerator.process_index, accelerator.wait_for_everyone, "model.")
         except OSError as e:
             last = checkpoint.complete_checkpoints(run_dir)
             raise TrainingError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
@@ -397,10 +401,11 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
                     if checkpoint.read_meta(p)["step"] == state["best_step"])
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(best / "trainable.safetensors")), strict=False)
+        checkpoint.load_trainable(step_module, load_file(str(best / "trainable.safetensors")), str(best), "model.")
         log(f"final model = best checkpoint {best.name} (eval loss {state['best_eval']:.4f})")
 
-    model = _save_final(model, tok, cfg, run_dir, main_process)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    model = _save_final(model, tok, cfg, run_dir, main_process, step_module if sharded else None)
     accelerator.wait_for_everyone()
     if cfg.eval.generate and main_process:
         result.scores["tuned"] = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
@@ -419,22 +424,35 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     return result
 
 
-def _save_final(model, tok, cfg: Config, run_dir: Path, main_process: bool):
-    """The adapter as peft saves it (LoRA), and a merged model plain transformers loads."""
+def _save_final(model, tok, cfg: Config, run_dir: Path, main_process: bool, sharded_module=None):
+    """The adapter as peft saves it (LoRA), and a merged model plain transformers loads.
+
+    With the weights sharded over processes (FSDP, `sharded_module` the wrapped loss module), every
+    process takes part in gathering them whole onto rank 0, which writes them; the LoRA merge then
+    starts from a fresh copy of the base model, as for QLoRA."""
     final = run_dir / "final"
+    lora = cfg.peft.method in ("lora", "qlora")
+    state = None
+    if sharded_module is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+        state = {k.removeprefix("model."): v for k, v in get_model_state_dict(sharded_module, options=opts).items()}
     if not main_process:
         return model
-    if cfg.peft.method in ("lora", "qlora"):
-        model.save_pretrained(final / "adapter")
+    if lora:
+        model.save_pretrained(final / "adapter", state_dict=state)
         tok.save_pretrained(final / "adapter")
-        if cfg.peft.method == "qlora":
-            # Merging into 4-bit weights would round the update away: merge into a full-precision base.
+        if cfg.peft.method == "qlora" or state is not None:
+            # QLoRA: merging into 4-bit weights would round the update away; FSDP: the weights in
+            # memory are shards. Either way, merge into a fresh full-precision copy of the base.
             from .export import merge_adapter
 
             model = merge_adapter(cfg.model.name, final / "adapter", cfg.model.dtype, cfg.model.revision)
         else:
             model = model.merge_and_unload()
-    model.save_pretrained(final / "model")
+        state = None
+    model.save_pretrained(final / "model", state_dict=state)
     tok.save_pretrained(final / "model")
     log(f"saved {final / 'model'}" + (f" and {final / 'adapter'}" if (final / "adapter").exists() else ""))
     return model
