@@ -276,7 +276,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
 
     pad_id = tok.pad_token_id
     bs, ga = cfg.train.batch_size, cfg.train.grad_accum
-    log(f"{total_steps} optimizer steps of {bs} x {ga} samples" + (f" x {world} processes" if world > 1 else "")
+    engine = {DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type, "DDP")
+    log(f"{total_steps} optimizer steps of {bs} x {ga} samples" + (f" x {world} processes ({engine})" if world > 1 else "")
         + f"; run directory {run_dir}")
 
     def save_checkpoint() -> None:
