@@ -67,6 +67,7 @@ def worker(rank: int, port: int, run: str, method: str, tokenizer) -> None:
         resumed = checkpoint.trainable_state(fresh)
         if rank == 0:
             torch.save({"after": after, "resumed": resumed}, Path(run) / "continued.pt")
+        dist.barrier()  # leave together: a rank that exits while its peer still talks can abort it
     finally:
         dist.destroy_process_group()
 
