@@ -26,17 +26,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-# Whole tensors on the CPU (rank 0 only, under FSDP), trainable ones only.
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+def gather_state(model: torch.nn.Module, prefix: str = "", trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """Whole tensors on the CPU, by the unwrapped model's names (no DDP/FSDP prefixes) less `prefix`
+    (the trainer passes its loss module, whose `model.` names the model). Collective under FSDP:
+    every rank calls it, rank 0 receives the tensors, the others an empty dict."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return {n.removeprefix(prefix): t.detach().cpu().contiguous()
+            for n, t in get_model_state_dict(model, options=opts).items()}
 
 
 def trainable_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Only what training changes: the adapter weights for LoRA, every weight for full.
-
-    Names are the unwrapped model's (no DDP/FSDP prefixes), less `prefix` (the trainer passes its
-    loss module, whose `model.` names the model). Collective under FSDP."""
-    return {n.removeprefix(prefix): t.detach().cpu().contiguous()
-            for n, t in get_model_state_dict(model, options=_GATHER).items()}
+    """Only what training changes: the adapter weights for LoRA, every weight for full."""
+    return gather_state(model, prefix)
 
 
 def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, prefix: str = "") -> None:
@@ -84,7 +86,8 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
     barrier()
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
     weights = trainable_state(model, prefix)
-    optim = get_optimizer_state_dict(model, _inner(optimizer), options=_GATHER)
+    optim = get_optimizer_state_dict(model, _inner(optimizer),
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "state.pt")

@@ -32,6 +32,9 @@ from .loss import TokenLoss
 from .models import apply_method, count_parameters, load_model
 from .report import MetricsLog, plot_loss
 
+# TokenLoss holds the model as `.model`; checkpoints are keyed by the model's own parameter names.
+MODEL_PREFIX = "model."
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what to change."""
@@ -269,7 +272,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         if saved_world != world:
             raise ConfigError(f"--resume: {start_ckpt} was written by {saved_world} process(es), this run has {world}; "
                               f"resume with --nproc {saved_world} (the split of each step's batch depends on it)")
-        meta = checkpoint.load(start_ckpt, step_module, optimizer, scheduler, accelerator.process_index, "model.")
+        meta = checkpoint.load(start_ckpt, step_module, optimizer, scheduler, accelerator.process_index, MODEL_PREFIX)
         state.update(meta["state"])
         log(f"resuming from {start_ckpt} at step {state['step']}")
     metrics = MetricsLog(run_dir, cfg, state["step"], main_process)
@@ -284,7 +287,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         try:
             checkpoint.save(run_dir, state["step"], step_module, optimizer, scheduler,
                             {"config": cfg.to_dict(), "state": dict(state), "world": world},
-                            accelerator.process_index, accelerator.wait_for_everyone, "model.")
+                            accelerator.process_index, accelerator.wait_for_everyone, MODEL_PREFIX)
         except OSError as e:
             last = checkpoint.complete_checkpoints(run_dir)
             raise TrainingError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
@@ -402,7 +405,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
                     if checkpoint.read_meta(p)["step"] == state["best_step"])
         from safetensors.torch import load_file
 
-        checkpoint.load_trainable(step_module, load_file(str(best / "trainable.safetensors")), str(best), "model.")
+        checkpoint.load_trainable(step_module, load_file(str(best / "trainable.safetensors")), str(best), MODEL_PREFIX)
         log(f"final model = best checkpoint {best.name} (eval loss {state['best_eval']:.4f})")
 
     sharded = accelerator.distributed_type == DistributedType.FSDP
@@ -435,10 +438,7 @@ def _save_final(model, tok, cfg: Config, run_dir: Path, main_process: bool, shar
     lora = cfg.peft.method in ("lora", "qlora")
     state = None
     if sharded_module is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
-        state = {k.removeprefix("model."): v for k, v in get_model_state_dict(sharded_module, options=opts).items()}
+        state = checkpoint.gather_state(sharded_module, MODEL_PREFIX, trainable_only=lora)
     if not main_process:
         return model
     if lora:

@@ -148,12 +148,13 @@ class Batcher:
             return [units]
         parts: list[list[int]] = []
         for u in sorted(units, key=lambda u: -self.sizes[u]):
-            # Padded rows are as long as the longest of the pass, which comes first; packed bins
-            # are laid end to end without padding.
-            cost = sum(self.sizes[v] for v in parts[-1]) + self.sizes[u] if self.pack and parts \
-                else (len(parts[-1]) + 1) * self.sizes[parts[-1][0]] if parts else 0
-            if parts and cost <= self.max_forward_tokens:
+            if parts and self._tokens(parts[-1] + [u]) <= self.max_forward_tokens:
                 parts[-1].append(u)
             else:
                 parts.append([u])
         return parts
+
+    def _tokens(self, part: list[int]) -> int:
+        """Tokens one pass over `part` runs: packed bins end to end without padding; padded rows
+        as long as the longest, which comes first (parts are filled longest first)."""
+        return sum(self.sizes[u] for u in part) if self.pack else len(part) * self.sizes[part[0]]
