@@ -3,14 +3,17 @@
 A packed micro-batch is one flat row of examples laid end to end, described by `cu_seq_lens_q`
 (the cumulative example lengths, as flash-attention's varlen kernel takes them). On a GPU with
 flash-attention installed the model uses `flash_attention_2`, which reads those same arguments.
-Elsewhere (CPU, or no flash-attention) the model uses `sftkit_sdpa`, registered here: with
-`cu_seq_lens_q` it runs PyTorch's scaled-dot-product attention once per example with
-`is_causal=True`, so the kernel skips the tiles above the diagonal and never computes the tiles
-between examples that a block-diagonal mask would throw away; without it (padded batches,
-generation) it is transformers' own `sdpa`.
+Elsewhere the model uses `sftkit_sdpa`, registered here. With `cu_seq_lens_q`, on a GPU in
+bf16/fp16 it is PyTorch's own varlen flash kernel (`torch.nn.attention.varlen`, one call for the
+whole row); otherwise (CPU, fp32) it runs PyTorch's scaled-dot-product attention once per example
+with `is_causal=True`, so the kernel skips the tiles above the diagonal and never computes the
+tiles between examples that a block-diagonal mask would throw away. Without `cu_seq_lens_q`
+(padded batches, generation) it is transformers' own `sdpa`.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,23 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "sftkit_sdpa"
+
+try:  # PyTorch >= 2.10: flash-attention's varlen kernel, CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+    # Causality is `window_size=(-1, 0)` in newer releases and `is_causal=True` in the first one.
+    _CAUSAL = ({"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters
+               else {"is_causal": True})
+except ImportError:
+    varlen_attn = None
+
+
+def _torch_varlen(query, key, value, cu, max_len: int, scaling: float | None) -> torch.Tensor:
+    """One varlen flash call over the whole row: (1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: one key/value head per group of query heads
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **_CAUSAL)[None]
 
 
 def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -29,6 +49,10 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     # query: (1, heads, tokens, head_dim); key/value may have fewer heads (grouped-query attention).
+    if (varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and not (dropout and module.training)):
+        max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+        return _torch_varlen(query, key, value, cu, int(max_len), scaling), None
     lengths = (cu[1:] - cu[:-1]).tolist()
     if sum(lengths) != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q covers {sum(lengths)} tokens but the row has {query.shape[2]}")

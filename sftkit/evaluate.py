@@ -163,11 +163,14 @@ def few_shot_prompt(messages: list[dict[str, str]], shots: list) -> list[dict[st
 
 
 def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Token-weighted loss, perplexity and next-token accuracy over trained tokens (as training renders them)."""
+    """Token-weighted loss, perplexity and next-token accuracy over trained tokens (as training renders them).
+
+    `model` is a model, or the trainer's TokenLoss module (under FSDP the model's weights are shards
+    that only the wrapped module's forward gathers)."""
     import torch
 
     from .data.packing import pad_collate
-    from .loss import token_loss
+    from .loss import TokenLoss, token_loss
 
     was_training = model.training
     model.eval()
@@ -178,8 +181,13 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[st
     with torch.no_grad():
         for b in range(0, len(order), batch_size):
             batch = pad_collate([examples[i] for i in order[b : b + batch_size]], pad_id)
-            sums = token_loss(model, {k: v.to(device) for k, v in batch.items()})
-            total, tokens, correct = total + float(sums.loss), tokens + sums.tokens, correct + sums.correct
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if isinstance(model, TokenLoss):  # the training step's module: FSDP gathers its shards in its forward
+                loss, n, ok = model(**batch)
+            else:
+                sums = token_loss(model, batch)
+                loss, n, ok = sums.loss, sums.tokens, sums.correct
+            total, tokens, correct = total + float(loss), tokens + int(n), correct + int(ok)
     model.train(was_training)
     mean = total / max(tokens, 1)
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50)), "token_accuracy": correct / max(tokens, 1)}

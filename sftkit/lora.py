@@ -8,6 +8,10 @@ output (`addmm_` with `alpha=scaling`), which autograd differentiates exactly th
 layer is peft's own class otherwise (same parameters, names, saving, merging); any case the fast
 path does not cover (DoRA and other variants, several active adapters, merged or disabled
 adapters, extra arguments) takes peft's forward unchanged.
+
+With a bf16/fp16 base model (on GPUs) peft keeps the adapters in fp32; the update is then computed
+in the activations' dtype from casts of the adapter weights -- mixed precision as autocast does it --
+while the optimizer still updates the fp32 weights.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ class FusedLoraLinear(PeftLoraLinear):
         name = active[0]
         base = self.get_base_layer()
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if x.dtype != a.dtype or x.dtype != base.weight.dtype:
+        if x.dtype != base.weight.dtype or not (a.dtype == b.dtype == x.dtype or a.dtype == b.dtype == torch.float32):
             return super().forward(x, *args, **kwargs)
+        # A bf16/fp16 base keeps fp32 adapters (peft's default): compute the update in the activations'
+        # dtype from casts of them, as autocast would, so their gradients still land in fp32. (peft
+        # instead casts every layer's input up to fp32 and keeps that copy for backward.)
+        a, b = a.to(x.dtype), b.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         out = F.linear(x2, base.weight, base.bias)
         # F.linear keeps its input and weight for backward, not its output: updating it in place is safe.

@@ -18,9 +18,10 @@ import torch
 from .render import IGNORE, Example
 
 
-def pad_collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
-    width = max(len(e.input_ids) for e in examples)
+def pad_collate(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to a multiple of `multiple`; padding is masked
+    out of attention and loss."""
+    width = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -96,7 +97,8 @@ class Batcher:
 
     def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int,
                  pack: bool = False, max_length: int = 0, group_by_length: bool = True, rank: int = 0, world: int = 1,
-                 max_forward_tokens: int = 0):
+                 max_forward_tokens: int = 0, pad_multiple: int = 1):
+        self.pad_multiple = pad_multiple  # padded widths rounded up to this (fewer shapes for GPU kernels)
         self.examples, self.bs, self.ga, self.seed, self.pad_id, self.pack = examples, batch_size, grad_accum, seed, pad_id, pack
         self.rank, self.world = rank, world
         self.max_forward_tokens = max_forward_tokens
@@ -140,7 +142,7 @@ class Batcher:
         for k in range(self.ga):
             for part in self._split(units[k * self.bs : (k + 1) * self.bs]):
                 rows = [[self.examples[i] for i in self.units[u]] for u in part]
-                out.append(pack_collate(rows, self.pad_id) if self.pack else pad_collate([r[0] for r in rows], self.pad_id))
+                out.append(pack_collate(rows, self.pad_id) if self.pack else pad_collate([r[0] for r in rows], self.pad_id, self.pad_multiple))
         return out
 
     def _split(self, units: list[int]) -> list[list[int]]:

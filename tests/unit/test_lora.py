@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -82,3 +83,23 @@ def test_subclasses_of_linear_keep_peft_layers(tokenizer):
     peft_model = get_peft_model(model, cfg)
     layers = [m for m in peft_model.modules() if isinstance(m, PeftLoraLinear)]
     assert sum(isinstance(m, FusedLoraLinear) for m in layers) == len(layers) - 1
+
+
+def test_fused_lora_on_a_bf16_base_keeps_fp32_adapters_and_their_gradients(tokenizer, monkeypatch):
+    # On GPUs the base is bf16 and peft keeps the adapters in fp32: the fused layer computes the update
+    # in bf16 (as autocast would) and the gradients land in the fp32 adapters, equal to an all-fp32
+    # run's to bf16 precision (peft's own bf16 forward is within 2.3% on this model, ours within 4.9%).
+    plain, fused = lora_pair(tokenizer)
+    for n, p in fused.named_parameters():
+        if "lora_" not in n:
+            p.data = p.data.to(torch.bfloat16)
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (plain, fused):  # plain stays fp32: the reference
+        if model is fused:  # the fused path itself, not a fallback to peft's forward
+            monkeypatch.setattr(PeftLoraLinear, "forward", lambda *a, **k: pytest.fail("fell back to peft"))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[1]) == 28 and all(g.dtype == torch.float32 for g in grads[1].values())
+    for n, g in grads[0].items():
+        assert torch.linalg.vector_norm(grads[1][n] - g) <= 0.1 * torch.linalg.vector_norm(g), n

@@ -35,3 +35,16 @@ def test_chunked_loss_and_grads_equal_full_logits(tokenizer, chat_rows):
     torch.testing.assert_close(sums.loss / sums.tokens, ref, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_loss_metrics_through_the_training_module_equal_the_model_s(tokenizer, chat_rows):
+    # Under FSDP the trainer scores through its TokenLoss module (only its forward gathers the shards).
+    from sftkit.evaluate import loss_metrics
+    from sftkit.loss import TokenLoss
+
+    model = make_tiny_llama(tokenizer)
+    exs, _ = build_examples([Normaliser("x")(r, i) for i, r in enumerate(chat_rows)], Renderer(tokenizer))
+    direct = loss_metrics(model, exs, 4, tokenizer.pad_token_id)
+    wrapped = loss_metrics(TokenLoss(model), exs, 4, tokenizer.pad_token_id)
+    assert direct == wrapped
+    assert direct["eval_loss"] > 0

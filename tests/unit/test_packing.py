@@ -101,3 +101,57 @@ def test_batcher_covers_each_example_once_per_epoch_and_groups_lengths(tokenizer
     assert Batcher(exs, 2, 2, 1, 0).step_units(5) == b.step_units(5)  # a function of the step alone
     mb = b.micro_batches(0)
     assert len(mb) == 2 and all(x["input_ids"].shape[0] == 2 for x in mb)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_varlen_kernel_equals_per_example_attention(tokenizer, chat_rows, monkeypatch):
+    """On a GPU in bf16, sftkit_sdpa runs PyTorch's varlen flash kernel once per row; its loss and
+    gradients must match the per-example SDPA path (bf16 tolerance), and it must really be the path taken."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftkit import attention
+
+    if attention.varlen_attn is None:
+        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    assert use_packed_attention(model) == "sftkit_sdpa"
+    exs = examples(tokenizer, chat_rows)
+    packed = pack_collate([exs], tokenizer.pad_token_id)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
+
+    def loss_and_grads():
+        model.zero_grad()
+        s = token_loss(model, batch)
+        s.loss.backward()
+        return s.loss.detach().float() / s.tokens, {n: p.grad.float() for n, p in model.named_parameters()}
+
+    calls = []
+    real = attention._torch_varlen
+    monkeypatch.setattr(attention, "_torch_varlen", lambda *a: calls.append(1) or real(*a))
+    varlen_loss, varlen_grads = loss_and_grads()
+    assert len(calls) == config.num_hidden_layers
+    monkeypatch.setattr(attention, "varlen_attn", None)  # the per-example SDPA path
+    loop_loss, loop_grads = loss_and_grads()
+    assert len(calls) == config.num_hidden_layers
+    torch.testing.assert_close(varlen_loss, loop_loss, rtol=1e-2, atol=1e-2)
+    for n, g in loop_grads.items():
+        assert torch.linalg.vector_norm(varlen_grads[n] - g) <= 2e-2 * torch.linalg.vector_norm(g) + 1e-6, n
+
+
+def test_pad_collate_rounds_the_width_up_and_masks_the_extra_padding(tokenizer, chat_rows):
+    exs = examples(tokenizer, chat_rows)[:3]
+    plain, rounded = pad_collate(exs, 0), pad_collate(exs, 0, multiple=64)
+    width = plain["input_ids"].shape[1]
+    assert rounded["input_ids"].shape[1] == -(-width // 64) * 64 > width
+    assert torch.equal(rounded["input_ids"][:, :width], plain["input_ids"])
+    assert torch.equal(rounded["labels"][:, :width], plain["labels"])
+    assert (rounded["labels"][:, width:] == IGNORE).all() and (rounded["attention_mask"][:, width:] == 0).all()
+    assert rounded["real_tokens"] == plain["real_tokens"]
+    model = make_tiny_llama(tokenizer)
+    with torch.no_grad():
+        a, b = token_loss(model, plain), token_loss(model, rounded)
+    assert a.tokens == b.tokens
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
