@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .config import Config, ConfigError, save_config
 from .data.sources import DataError, read_source
 from .evaluate import classification_report
-from .models import count_parameters, resolve
+from .models import count_parameters, resolve, select_parameters
 
 
 @dataclass
@@ -150,7 +150,7 @@ def select_trainable(model, method: str, new_keys: set[str], trainable: list[str
         if method == "freeze":
             if not trainable:
                 raise ConfigError("peft.method=freeze needs peft.trainable, e.g. [last:2] or ['*.layer.5.*']")
-            selected |= _layer_selection(model, trainable)
+            selected |= select_parameters(model, trainable)
         for n, p in model.named_parameters():
             p.requires_grad_(n in selected)
         return model
@@ -160,28 +160,6 @@ def select_trainable(model, method: str, new_keys: set[str], trainable: list[str
         return get_peft_model(model, LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
                                                 target_modules=peft_cfg.target_modules, task_type="SEQ_CLS"))
     raise ConfigError(f"peft.method: {method!r} is not one of head, freeze, lora, full (task: classification)")
-
-
-def _layer_selection(model, trainable: list[str]) -> set[str]:
-    # Decoder layer lists sit under base_model for classification models.
-    base = model.base_model
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = set()
-    for entry in trainable:
-        if entry.startswith("last:"):
-            layers = getattr(base, "layers", None) or getattr(getattr(base, "encoder", None), "layer", None)
-            if layers is None:
-                raise ConfigError(f"peft.trainable: {entry!r}: no layer list found in {type(base).__name__}")
-            n = int(entry.split(":", 1)[1])
-            out |= {names[id(p)] for layer in list(layers)[-n:] for p in layer.parameters()}
-        else:
-            import fnmatch
-
-            got = {n for n in names.values() if fnmatch.fnmatchcase(n, entry)}
-            if not got:
-                raise ConfigError(f"peft.trainable: {entry!r} selects no parameter (e.g. {next(iter(names.values()))!r})")
-            out |= got
-    return out
 
 
 # -- training -------------------------------------------------------------------------------------

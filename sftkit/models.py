@@ -164,10 +164,24 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None,
     return model, tok
 
 
-def _freeze_selection(model: PreTrainedModel, entries: list[str]) -> set[str]:
-    """Parameter names selected by peft.trainable entries; an entry that selects nothing is an error."""
+def _layer_list(model: PreTrainedModel):
+    """The model's stack of transformer layers: a decoder's `layers`, or an encoder's `encoder.layer`
+    (classification models keep either under `base_model`); None when there is none."""
+    owners = [model.base_model, getattr(model.base_model, "encoder", None)]
+    if hasattr(model, "get_decoder"):
+        owners.insert(0, model.get_decoder())
+    for owner in owners:
+        layers = getattr(owner, "layers", None) or getattr(owner, "layer", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    return None
+
+
+def select_parameters(model: PreTrainedModel, entries: list[str]) -> set[str]:
+    """Parameter names selected by peft.trainable entries (last:N, lm_head, embeddings, or a glob over
+    the names); an entry that selects nothing is an error. Causal LMs and classifiers alike."""
     names = {id(p): n for n, p in model.named_parameters()}
-    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    layers = _layer_list(model)
     selected: set[str] = set()
     for entry in entries:
         if entry.startswith("last:"):
@@ -176,11 +190,11 @@ def _freeze_selection(model: PreTrainedModel, entries: list[str]) -> set[str]:
             except ValueError:
                 raise ConfigError(f"peft.trainable: {entry!r}: expected last:N with N a number of layers") from None
             if layers is None:
-                raise ConfigError(f"peft.trainable: {entry!r}: this model has no decoder layer list")
+                raise ConfigError(f"peft.trainable: {entry!r}: no layer list found in {type(model).__name__}")
             if not 0 < n <= len(layers):
-                raise ConfigError(f"peft.trainable: {entry!r}: the model has {len(layers)} decoder layers")
+                raise ConfigError(f"peft.trainable: {entry!r}: the model has {len(layers)} layers")
             got = {names[id(p)] for layer in list(layers)[-n:] for p in layer.parameters()}
-        elif entry == "lm_head":
+        elif entry == "lm_head" and model.get_output_embeddings() is not None:
             got = {names[id(p)] for p in model.get_output_embeddings().parameters()}
         elif entry == "embeddings":
             got = {names[id(p)] for p in model.get_input_embeddings().parameters()}
@@ -203,7 +217,7 @@ def apply_method(model: PreTrainedModel, cfg: PeftConfig) -> PreTrainedModel:
     if cfg.method == "freeze":
         if not cfg.trainable:
             raise ConfigError("peft.method=freeze needs peft.trainable, e.g. [last:2, lm_head] or ['*.mlp.*']")
-        selected = _freeze_selection(model, cfg.trainable)
+        selected = select_parameters(model, cfg.trainable)
         for n, p in model.named_parameters():
             p.requires_grad_(n in selected)
         return model
