@@ -169,7 +169,7 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[st
     that only the wrapped module's forward gathers)."""
     import torch
 
-    from .data.packing import pad_collate
+    from .data.packing import pad_collate, pad_multiple
     from .loss import TokenLoss, token_loss
 
     was_training = model.training
@@ -180,7 +180,7 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[st
     total, tokens, correct = 0.0, 0, 0
     with torch.no_grad():
         for b in range(0, len(order), batch_size):
-            batch = pad_collate([examples[i] for i in order[b : b + batch_size]], pad_id)
+            batch = pad_collate([examples[i] for i in order[b : b + batch_size]], pad_id, pad_multiple())
             batch = {k: v.to(device) for k, v in batch.items()}
             if isinstance(model, TokenLoss):  # the training step's module: FSDP gathers its shards in its forward
                 loss, n, ok = model(**batch)

@@ -24,7 +24,7 @@ from . import checkpoint
 from .attention import use_packed_attention
 from .config import Config, ConfigError, resume_conflicts, save_config
 from .data import prepare, renderer_for, text_source
-from .data.packing import Batcher
+from .data.packing import Batcher, pad_multiple
 from .data.render import IGNORE, Renderer, build_examples
 from .data.sources import Row, load_rows
 from .evaluate import evaluate_model, loss_metrics
@@ -105,14 +105,6 @@ def forward_tokens(cfg: Config) -> int:
     if cfg.train.max_forward_tokens >= 0:
         return cfg.train.max_forward_tokens
     return 16384 if torch.cuda.is_available() else 512
-
-
-def pad_multiple() -> int:
-    """Padded batches' widths are rounded up to this. On GPUs, PyTorch's cuDNN attention builds a plan
-    for each new sequence length (measured on an H100: ~2 s per new width, padded LoRA steps of the
-    throughput benchmark at 0.55 s with plans cached against 2.7 s without); rounding to 64 leaves at
-    most max_length / 64 widths. On CPU every padded token costs compute, so no rounding."""
-    return 64 if torch.cuda.is_available() else 1
 
 
 def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
