@@ -1,7 +1,9 @@
 """Cross-entropy on trained tokens only, without building the full tokens x vocab logits.
 
 The decoder runs once; the LM head then runs only on positions whose next token is trained, in
-chunks, each chunk recomputed in the backward pass instead of keeping its logits alive. The
+chunks. When the head is trained, each chunk is recomputed in the backward pass instead of keeping
+its logits alive; when it is frozen (LoRA, QLoRA), each chunk's gradient with respect to the hidden
+states is computed in the forward pass and its logits are dropped at once. The
 result is a *sum* of token losses, so the caller can normalise by the trained tokens of the whole
 optimizer step (all micro-batches, all processes).
 """
@@ -39,6 +41,35 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+
+
+class _FrozenHeadCE(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, for a head that is not trained.
+
+    The gradient with respect to `hidden` is computed here, in the forward pass: softmax - one-hot,
+    written over the logits in place, times the weight. Backward only scales it. So the logits are
+    never kept for backward, never recomputed, and the log-softmax's own backward pass is skipped."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        logits = F.linear(hidden, weight).float()
+        lse = torch.logsumexp(logits, -1)
+        loss = (lse - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
+        correct = (logits.argmax(-1) == targets).sum()
+        grad = logits.sub_(lse[:, None]).exp_()
+        grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+        ctx.save_for_backward(grad.to(hidden.dtype) @ weight)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_correct):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None
+
+
+def _frozen_plain_head(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
 def _head_ce_kl(head, hidden, targets, base_hidden, coef: float):
@@ -101,9 +132,12 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
                 if torch.is_grad_enabled() and n > chunk_size else _head_ce_kl(head, hidden[sl], t[sl], base_h[sl], kl_coef)
             total, correct = total + loss, correct + int(ok)
         return LossSums(total, n, correct)
+    fused = torch.is_grad_enabled() and hidden.requires_grad and _frozen_plain_head(head)
     for i in range(0, n, chunk_size):
         h, y = hidden[i : i + chunk_size], t[i : i + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad and n > chunk_size:
+        if fused:  # LoRA, QLoRA, freeze without the head: the gradient is taken in the forward pass
+            loss, ok = _FrozenHeadCE.apply(h, head.weight, y)
+        elif torch.is_grad_enabled() and h.requires_grad and n > chunk_size:
             # Several chunks: recompute each chunk's logits in backward rather than keep them all.
             # One chunk: keeping its logits costs the same memory as recomputing them, and less time.
             loss, ok = checkpoint(_head_ce, head, h, y, use_reentrant=False)

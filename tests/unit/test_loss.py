@@ -48,3 +48,32 @@ def test_loss_metrics_through_the_training_module_equal_the_model_s(tokenizer, c
     wrapped = loss_metrics(TokenLoss(model), exs, 4, tokenizer.pad_token_id)
     assert direct == wrapped
     assert direct["eval_loss"] > 0
+
+
+def test_frozen_head_takes_its_gradient_in_the_forward_pass_and_equals_full_logits(tokenizer, chat_rows, monkeypatch):
+    # LoRA and QLoRA leave the (tied) head frozen: the loss then computes d loss / d hidden in the
+    # forward pass. Loss and every trained parameter's gradient must equal plain cross-entropy's.
+    from sftkit import loss as loss_module
+
+    model = make_tiny_llama(tokenizer)
+    model.get_input_embeddings().weight.requires_grad_(False)  # tied: the head too
+    assert not model.get_output_embeddings().weight.requires_grad
+    exs, _ = build_examples([Normaliser("x")(r, i) for i, r in enumerate(chat_rows)], Renderer(tokenizer))
+    batch = pad_collate(exs[:6], tokenizer.pad_token_id)
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    ref = reference_loss(model, batch) / n
+    ref.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    calls = []
+    fused = loss_module._FrozenHeadCE.apply
+    monkeypatch.setattr(loss_module._FrozenHeadCE, "apply", lambda *a: calls.append(1) or fused(*a))
+    sums = token_loss(model, batch, chunk_size=7)
+    (sums.loss / sums.tokens).backward()
+    assert len(calls) == -(-n // 7)  # every chunk went through the fused path
+    torch.testing.assert_close(sums.loss / sums.tokens, ref, rtol=1e-5, atol=1e-5)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, rtol=1e-5, atol=1e-6, msg=k)
+    ref_correct = (model(input_ids=batch["input_ids"]).logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])
+    assert sums.correct == int((ref_correct & (batch["labels"][:, 1:] != IGNORE)).sum())
