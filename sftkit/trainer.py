@@ -281,9 +281,9 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
 
     pad_id = tok.pad_token_id
     bs, ga = cfg.train.batch_size, cfg.train.grad_accum
-    engine = {DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type, "DDP")
     sharded = accelerator.distributed_type == DistributedType.FSDP
     scorer = step_module if sharded else model  # FSDP: only the wrapped module's forward gathers the weights
+    engine = "FSDP" if sharded else "DDP"
     log(f"{total_steps} optimizer steps of {bs} x {ga} samples"
         + (f" x {world} process{'es' if world > 1 else ''} ({engine})" if world > 1 or sharded else "")
         + f"; run directory {run_dir}")
