@@ -8,6 +8,15 @@ from pathlib import Path
 from .config import Config
 
 
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None for a torn or foreign one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLog:
     """One JSON object per optimizer step in metrics.jsonl; on resume, lines past the checkpoint are dropped."""
 
@@ -18,8 +27,10 @@ class MetricsLog:
         if not main_process:
             return
         if self.path.exists():
-            # A run killed after its last checkpoint logged steps the resumed run will take again.
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            # A run killed after its last checkpoint logged steps the resumed run will take again; a
+            # kill -9 in the middle of a write leaves a torn last line, which goes too.
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record["step"] <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         if cfg.log.tensorboard:
@@ -77,7 +88,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return [r for line in path.read_text(errors="replace").splitlines() if (r := _record(line)) is not None] if path.exists() else []
 
 
 def plot_loss(run_dir: Path) -> Path | None:

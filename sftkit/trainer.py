@@ -57,19 +57,49 @@ class RunResult:
     model: torch.nn.Module | None = None  # the final in-memory model (merged for LoRA)
 
 
+# Written into every run directory: --overwrite replaces only a folder that holds this marker (or
+# a run from before the marker: config.yaml and metrics.jsonl), never anything else.
+RUN_MARKER = ".sftkit-run"
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RUN_MARKER).is_file() or ((path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file())
+
+
+def _overwrite_refusal(out: Path) -> str | None:
+    """Why --overwrite must not delete `out`, or None when it holds an sftkit run and nothing else."""
+    real = out.resolve()
+    protected = {Path("/").resolve(): "the root directory", Path.home().resolve(): "the home directory",
+                 Path.cwd().resolve(): "the current directory"}
+    if real in protected:
+        return f"output_dir {out} is {protected[real]}"
+    if not is_run_dir(out):
+        found = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        return f"output_dir {out} holds {shown}, which is not an sftkit run (no {RUN_MARKER}, config.yaml or metrics.jsonl)"
+    return None
+
+
 def prepare_run_dir(path: str, overwrite: bool, resume: bool) -> Path:
-    """A run directory that holds a run is never reused unless the user says --overwrite or --resume."""
+    """A run directory that holds a run is never reused unless the user says --overwrite or --resume,
+    and --overwrite deletes only a folder that holds an sftkit run."""
     out = Path(path)
     try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir {out} is not writable: it is a file, not a directory")
         if out.exists() and any(out.iterdir()) and not resume:
+            if not overwrite and not is_run_dir(out):
+                raise ConfigError(f"{_overwrite_refusal(out)}; choose an empty or new output_dir")
             if not overwrite:
                 raise ConfigError(f"output_dir {out} already holds a run; pass --resume to continue it, "
                                   "--overwrite to replace it, or choose another output_dir")
+            refusal = _overwrite_refusal(out)
+            if refusal:
+                raise ConfigError(f"--overwrite: {refusal}; nothing was deleted. Choose an output_dir of its own "
+                                  "(e.g. runs/NAME)")
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        (out / RUN_MARKER).write_text("sftkit run directory: `--overwrite` may replace this folder\n")
     except OSError as e:
         raise ConfigError(f"output_dir {out} is not writable: {e.strerror or e}") from None
     return out
@@ -167,12 +197,109 @@ def _check_disk(run_dir: Path, model: torch.nn.Module, cfg: Config) -> None:
                           "choose another output_dir")
 
 
+def check_precision(cfg: Config) -> None:
+    """float16 weights need loss scaling, which a pure-fp16 model cannot use (the scaler needs fp32
+    master weights): refuse rather than train with gradients that underflow to zero."""
+    if cfg.model.dtype in ("float16", "fp16") and cfg.peft.method != "qlora":
+        raise ConfigError("model.dtype=float16: training float16 weights without loss scaling loses small "
+                          "gradients; use model.dtype=bfloat16 (GPUs since Ampere) or float32, or auto")
+
+
+def require_loggers(cfg: Config) -> None:
+    """log.* that needs a package: checked before any model is loaded."""
+    import importlib.util
+
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                          "(or set log.tensorboard=false)")
+    if cfg.log.mlflow and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("log.mlflow needs the mlflow package: pip install mlflow-skinny (or unset log.mlflow)")
+
+
+def resumable_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint that reads back whole; a damaged one is passed over with a warning."""
+    ckpts = checkpoint.complete_checkpoints(run_dir)
+    if not ckpts:
+        raise ConfigError(f"--resume: {run_dir} holds no complete checkpoint (set train.save_every to write them)")
+    problems = []
+    for path in reversed(ckpts):
+        problem = checkpoint.problem(path)
+        if problem is None:
+            if problems:
+                log(f"warning: resuming from the older checkpoint {path.name}")
+            return path
+        problems.append(problem)
+        log(f"warning: checkpoint {path.name} is damaged ({problem}); trying the one before it")
+    raise ConfigError(f"--resume: no checkpoint in {run_dir} reads back whole (newest: {problems[0]}); "
+                      "start again without --resume (with --overwrite)")
+
+
+def position_limit(model) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: no fixed limit, e.g. ALiBi)."""
+    c = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(c, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def cap_max_length(cfg: Config, model) -> None:
+    """data.max_length never exceeds what the model can take: longer rows then follow data.truncation."""
+    limit = position_limit(model)
+    if limit is not None and cfg.data.max_length > limit:
+        log(f"data.max_length={cfg.data.max_length} is more than {cfg.model.name} takes ({limit} positions): "
+            f"using {limit}")
+        cfg.data.max_length = limit
+
+
+class BestWeights:
+    """The trainable weights of the best eval so far, kept in memory (on the CPU) when early stopping
+    is on, so the final model can be the best one even without a checkpoint of that step. Skipped
+    when they would take more than a quarter of the free memory; the final model is then the best
+    checkpoint if one is on disk, else the last weights, and the log and summary.json say which."""
+
+    def __init__(self, cfg: Config, module: torch.nn.Module):
+        self.module, self.step, self.weights = module, None, None
+        size = checkpoint.size_estimate(module) // 3  # the weights, without AdamW's two moments
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = None
+        self.enabled = cfg.train.patience > 0 and (free is None or size <= free // 4)
+
+    def keep(self, step: int) -> None:
+        if self.enabled:
+            self.weights = {k: v.clone() for k, v in checkpoint.gather_state(self.module, MODEL_PREFIX).items()}
+            self.step = step
+
+    def restore(self, state: dict, run_dir: Path) -> str:
+        """Load the best weights into the model; returns what the final model is, for the log and summary."""
+        step = state["best_step"]
+        ckpt = next((p for p in checkpoint.complete_checkpoints(run_dir) if p.name == f"step-{step:07d}"), None)
+        if self.step == step and self.weights is not None:
+            weights, where = self.weights, "kept in memory"
+        elif ckpt is not None:
+            from safetensors.torch import load_file
+
+            weights, where = load_file(str(ckpt / "trainable.safetensors")), f"checkpoint {ckpt.name}"
+        else:
+            log(f"final model = the last weights (step {state['step']}): the best eval (step {step}) was neither "
+                "kept in memory nor in a checkpoint")
+            return f"last (step {state['step']}); best step {step} not kept"
+        checkpoint.load_trainable(self.module, weights, where, MODEL_PREFIX)
+        log(f"final model = the best weights, step {step} (eval loss {state['best_eval']:.4f}, {where})")
+        return f"best (step {step})"
+
+
 def train(cfg: Config, overwrite: bool = False, resume: bool = False,
           on_eval: Callable[[int, dict], None] | None = None) -> RunResult:
     """Run one training job. `on_eval(step, record)` is called after each eval (a sweep prunes there)."""
     t_start = time.time()
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
+    check_precision(cfg)
+    require_loggers(cfg)
     # Processes: one, or several under torchrun / accelerate launch (gloo on CPU). The timeout is a
     # backstop; a rank that dies closes its sockets and the others fail at once.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -189,10 +316,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     run_dir = Path(cfg.output_dir)
     start_ckpt = None
     if resume:
-        ckpts = checkpoint.complete_checkpoints(run_dir)
-        if not ckpts:
-            raise ConfigError(f"--resume: {run_dir} holds no complete checkpoint (set train.save_every to write them)")
-        start_ckpt = ckpts[-1]
+        start_ckpt = resumable_checkpoint(run_dir)
         conflicts = resume_conflicts(checkpoint.read_meta(start_ckpt)["config"], cfg)
         if conflicts:
             raise ConfigError(f"--resume: the config changed in a way that would change the run: {', '.join(conflicts)} "
@@ -204,6 +328,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     # Model and data.
     log(f"loading model {cfg.model.name}")
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.peft.method == "qlora")
+    cap_max_length(cfg, model)
     renderer = renderer_for(cfg.data, tok)
     data = prepare(cfg.data, cfg.train.seed, renderer)
     for line in data.summary():
@@ -229,7 +354,11 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     if cfg.eval.reference:
         ref_ex, _ = build_examples(load_rows(text_source(cfg.eval.reference), "text"), renderer)
     base_ref_ppl = None
-    if ref_ex and start_ckpt is None:
+    saved_state = checkpoint.read_meta(start_ckpt)["state"] if start_ckpt is not None else {}
+    saved_reference = checkpoint.read_meta(start_ckpt)["config"]["eval"].get("reference") if start_ckpt else None
+    if ref_ex and (start_ckpt is None or saved_state.get("base_ref_ppl") is None or saved_reference != cfg.eval.reference):
+        # On --resume too when the reference text was off or another one: the model is still the
+        # base here (the checkpoint is loaded later), so its figure is the base's.
         base_ref_ppl = loss_metrics(model, ref_ex, cfg.train.batch_size, tok.pad_token_id)["perplexity"]
         log(f"base model perplexity on the reference text ({cfg.eval.reference}): {base_ref_ppl:.3f}")
     frozen = None
@@ -276,6 +405,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
                               f"resume with --nproc {saved_world} (the split of each step's batch depends on it)")
         meta = checkpoint.load(start_ckpt, step_module, optimizer, scheduler, accelerator.process_index, MODEL_PREFIX)
         state.update(meta["state"])
+        if base_ref_ppl is not None:  # computed above for this run's reference text
+            state["base_ref_ppl"] = base_ref_ppl
         log(f"resuming from {start_ckpt} at step {state['step']}")
     metrics = MetricsLog(run_dir, cfg, state["step"], main_process)
 
@@ -296,10 +427,13 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         except OSError as e:
             last = checkpoint.complete_checkpoints(run_dir)
             raise TrainingError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
-                                + (f"the last complete checkpoint {last[-1]} is intact" if last else "no checkpoint")
+                                + (f"the last complete checkpoint {last[-1]} is intact; free space and run again "
+                                   "with --resume" if last else "no complete checkpoint yet; free space and run again")
                                 ) from None
         if main_process:  # one process deletes; two would race on the same directories
             checkpoint.prune(run_dir, cfg.train.keep, state["best_step"])
+
+    best = BestWeights(cfg, step_module)
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", file=sys.stderr, dynamic_ncols=True)
     t_loop, seen_tokens = time.time(), 0
@@ -359,15 +493,16 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
             if (eval_ex or ref_ex) and ((cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last):
                 if ref_ex:
                     record["ref_ppl"] = loss_metrics(scorer, ref_ex, bs, pad_id)["perplexity"]
-                    record["forgetting"] = record["ref_ppl"] / state["base_ref_ppl"] - 1
-                    result.forgetting = record["forgetting"]
+                    if state["base_ref_ppl"]:
+                        record["forgetting"] = record["ref_ppl"] / state["base_ref_ppl"] - 1
+                        result.forgetting = record["forgetting"]
             if eval_ex and ((cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last):
                 ev = loss_metrics(scorer, eval_ex, bs, pad_id)
                 record.update(eval_loss=ev["eval_loss"], eval_ppl=ev["perplexity"], eval_accuracy=ev["token_accuracy"])
                 result.eval_loss = record["eval_loss"]
-                best = state["best_eval"]
-                if best is None or record["eval_loss"] < best - cfg.train.min_delta:
+                if state["best_eval"] is None or record["eval_loss"] < state["best_eval"] - cfg.train.min_delta:
                     state.update(best_eval=record["eval_loss"], best_step=state["step"], bad_evals=0)
+                    best.keep(state["step"])
                     improved = True
                 else:
                     state["bad_evals"] += 1
@@ -375,8 +510,14 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
             if on_eval is not None and "eval_loss" in record:
                 on_eval(state["step"], record)
             early = cfg.train.patience > 0 and state["bad_evals"] >= cfg.train.patience
+            # Every rank must stop after the same step, or one would wait for the others forever; and
+            # they must agree before the save, whose gathers are collective: a rank that saw the signal
+            # alone would enter them while its peer waited in the next step's reduce.
+            stop_now = stop.signal is not None
+            if world > 1:
+                stop_now = int(accelerator.reduce(torch.tensor(int(stop_now), device=device), "sum")) > 0
             periodic = cfg.train.save_every and state["step"] % cfg.train.save_every == 0
-            if cfg.train.save_every and not last and (periodic or stop.signal or (improved and cfg.train.keep)):
+            if cfg.train.save_every and not last and (periodic or stop_now or (improved and cfg.train.keep)):
                 save_checkpoint()
             postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{seen_tokens / (time.time() - t_loop):.0f}"}
             if "eval_loss" in record:
@@ -384,10 +525,6 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             result.steps, result.final_loss = state["step"], loss
-            # Every rank must stop after the same step, or one would wait for the others forever.
-            stop_now = stop.signal is not None
-            if world > 1:
-                stop_now = int(accelerator.reduce(torch.tensor(int(stop_now), device=device), "sum")) > 0
             if stop_now and not last:
                 bar.close()
                 metrics.close()
@@ -405,15 +542,20 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     bar.close()
     metrics.close()
 
+    final_weights = f"last (step {state['step']})"
     if result.stopped == "early stopping" and state["best_step"] not in (None, state["step"]):
-        best = next(p for p in checkpoint.complete_checkpoints(run_dir)
-                    if checkpoint.read_meta(p)["step"] == state["best_step"])
-        from safetensors.torch import load_file
+        final_weights = best.restore(state, run_dir)
 
-        checkpoint.load_trainable(step_module, load_file(str(best / "trainable.safetensors")), str(best), MODEL_PREFIX)
-        log(f"final model = best checkpoint {best.name} (eval loss {state['best_eval']:.4f})")
-
-    model = _save_final(model, tok, cfg, run_dir, main_process, step_module if sharded else None)
+    try:
+        model = _save_final(model, tok, cfg, run_dir, main_process, step_module if sharded else None)
+    except Exception as e:
+        why = checkpoint.write_failure(e, run_dir)
+        if why is None:
+            raise
+        last = checkpoint.complete_checkpoints(run_dir)
+        raise TrainingError(f"could not write the final model in {run_dir / 'final'}: {why}; "
+                            + (f"free space and run again with --resume (from {last[-1].name})" if last
+                               else "free space and run again")) from None
     accelerator.wait_for_everyone()
     if cfg.eval.generate and main_process:
         result.scores["tuned"] = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
@@ -426,6 +568,7 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
                    "eval_loss": result.eval_loss, "best_eval_loss": state["best_eval"], "best_step": state["best_step"],
                    "metric": cfg.eval.metric if cfg.eval.generate else None, "scores": result.scores,
                    "base_ref_ppl": state["base_ref_ppl"], "forgetting": result.forgetting,
+                   "final_weights": final_weights,
                    "method": cfg.peft.method, "trainable_parameters": trainable, "total_parameters": total,
                    "train_examples": len(train_ex), "seconds": round(result.seconds, 1)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
