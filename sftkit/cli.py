@@ -82,7 +82,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from .models import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    tok = load_tokenizer(cfg.model.name)
+    tok = load_tokenizer(cfg.model.name, cfg.model.revision)
     if cfg.task == "classification":
         return inspect_classification(cfg, tok, args)
     prepared = prepare(cfg.data, cfg.train.seed, renderer_for(cfg.data, tok))
@@ -243,7 +243,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
     else:
-        load_tokenizer(cfg.model.name).save_pretrained(out)
+        load_tokenizer(cfg.model.name, cfg.model.revision).save_pretrained(out)
     print(f"merged {adapter} into {cfg.model.name} -> {out} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -289,11 +289,13 @@ def inspect_classification(cfg, tok, args: argparse.Namespace) -> int:
 
 
 def cmd_data_clean(args: argparse.Namespace) -> int:
+    """Every row of the training sources ends in exactly one of two files: the cleaned rows, or
+    removed.jsonl with the reason (a quality finding, or the message of a row that does not validate)."""
     import json
     from pathlib import Path
 
-    from .data import read
     from .data.quality import DROP_KINDS, analyse
+    from .data.sources import ReadStats, load_rows, parse_sources
     from .models import load_tokenizer
 
     kinds = {k.strip() for k in args.drop.split(",") if k.strip()}
@@ -301,24 +303,38 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--drop: unknown kinds {sorted(unknown)} (choose from {', '.join(DROP_KINDS)})")
     cfg = load_config(args.config, args.overrides)
-    train_rows, eval_rows, _ = read(cfg.data, cfg.train.seed)
-    q = analyse(train_rows, eval_rows, load_tokenizer(cfg.model.name), cfg.data.max_length, args.near_threshold,
+    d = cfg.data
+    sources = parse_sources(d.train)
+    if not sources:
+        raise DataError("data.train is not set: give the training file to clean (data.train=path/to/train.jsonl)")
+    # The input rows as they are, once each: no mixing weights, no held-out split; invalid rows are
+    # collected (not stopped at), since removing them is this command's job.
+    stats = ReadStats()
+    rows = [r for path, _ in dict.fromkeys(sources) for r in load_rows(path, d.format, d.columns, d.system, "skip", stats)]
+    tests = load_rows(d.eval, d.format, d.columns, d.system, "skip", ReadStats(), split="validation") if d.eval else []
+    q = analyse(rows, tests, load_tokenizer(cfg.model.name, cfg.model.revision), d.max_length, args.near_threshold,
                 diversity=False)
     removed = q.removals(kinds)
     out = Path(args.out)
-    with open(out, "w", encoding="utf-8") as kept, open(out.with_name("removed.jsonl"), "w", encoding="utf-8") as gone:
-        for i, r in enumerate(train_rows):
+    gone_path = out.with_name("removed.jsonl")
+    with open(out, "w", encoding="utf-8") as kept, open(gone_path, "w", encoding="utf-8") as gone:
+        for message, raw in stats.invalid:
+            source = message.split(": ", 1)[0]
+            gone.write(json.dumps({"source": source, "reason": message.removeprefix(source + ": "), "row": raw},
+                                  ensure_ascii=False) + "\n")
+        for i, r in enumerate(rows):
             if i in removed:
                 gone.write(json.dumps({"source": f"{r.source}:{r.line}", "reason": removed[i], "row": r.raw},
                                       ensure_ascii=False) + "\n")
             else:
                 kept.write(json.dumps(r.raw, ensure_ascii=False) + "\n")
-    by_reason: dict[str, int] = {}
+    by_reason: dict[str, int] = dict(stats.skipped)
     for reason in removed.values():
         key = reason.split(" of row")[0].split(" with eval")[0]
         by_reason[key] = by_reason.get(key, 0) + 1
-    print(f"kept {len(train_rows) - len(removed)} of {len(train_rows)} rows -> {out}; removed {len(removed)} "
-          f"-> {out.with_name('removed.jsonl')}" + (f" ({by_reason})" if by_reason else ""))
+    n_removed = len(removed) + len(stats.invalid)
+    print(f"read {stats.rows} = kept {len(rows) - len(removed)} + removed {n_removed}; kept -> {out}, "
+          f"removed -> {gone_path}" + (f" ({by_reason})" if by_reason else ""))
     return 0
 
 

@@ -115,10 +115,10 @@ def _hub_error(name: str, err: Exception) -> ConfigError:
     )
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     path = resolve(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
     except OSError as e:
         raise _hub_error(name, e) from None
     if tok.pad_token is None:
@@ -144,7 +144,7 @@ def pick_dtype(name: str) -> torch.dtype:
 def load_model(name: str, dtype: str = "auto", revision: str | None = None,
                load_in_4bit: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = resolve(name)
-    tok = load_tokenizer(name)
+    tok = load_tokenizer(name, revision)  # the same revision as the weights: a tokenizer can change too
     kwargs = {}
     if load_in_4bit:
         try:

@@ -41,14 +41,18 @@ def read(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row], ReadStats]:
         raise DataError("data.train is not set: give a training file (data.train=path/to/train.jsonl)")
     stats = ReadStats()
     groups = [(load_rows(path, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats), w) for path, w in sources]
-    train = mix(groups, seed) if len(groups) > 1 or groups[0][1] != 1.0 else groups[0][0]
-    if cfg.replay:
-        train = train + replay_rows(cfg.replay, len(train), seed)
     held: list[Row] = []
     if cfg.eval:
         held = load_rows(cfg.eval, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats, split="validation")
     elif cfg.eval_fraction > 0:
-        train, held = split_eval(train, cfg.eval_fraction, seed)
+        # Each source is split before mixing, so that repeating a source (weight 2) cannot put a row
+        # on both sides, and replay text is added to the training side only.
+        split = [(split_eval(rows, cfg.eval_fraction, seed), w) for rows, w in groups]
+        groups = [(tr, w) for (tr, _), w in split]
+        held = [r for (_, ev), _ in split for r in ev]
+    train = mix(groups, seed) if len(groups) > 1 or groups[0][1] != 1.0 else groups[0][0]
+    if cfg.replay:
+        train = train + replay_rows(cfg.replay, len(train), seed)
     return train, held, stats
 
 

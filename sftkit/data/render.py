@@ -190,21 +190,59 @@ class Renderer:
             "template not prefix-consistent",
         )
 
-    def truncate(self, ex: Example) -> tuple[Example, bool]:
-        """Fit max_length by data.truncation: drop prompt tokens from the left first, then cut the reply's tail."""
+    def fit(self, row: Row) -> tuple[Example | None, str | None, bool]:
+        """The row's example within max_length by data.truncation: (example or None, drop reason, cut?).
+
+        `truncate` never cuts the template's opening (BOS, system message, role header) nor the last
+        user turn: it cuts the tail of the last trained reply; if that reply's prompt alone leaves
+        no room for one reply token, it removes earlier turns of the chat, whole and oldest first;
+        if the prompt still does not fit, the row is dropped under its own reason."""
+        ex = self.render(row)
         n = len(ex.input_ids)
         if n <= self.max_length:
-            return ex, False
+            return ex, None, False
         if self.truncation == "error":
             raise DataError(f"{ex.source}:{ex.line}: {n} tokens, longer than data.max_length={self.max_length} "
                             "(data.truncation=error)", "longer than max_length")
         if self.truncation == "drop":
-            return Example([], [], ex.source, ex.line), True
-        excess = n - self.max_length
-        first_trained = next((j for j, x in enumerate(ex.labels) if x != IGNORE), n)
-        left = min(excess, max(first_trained - 1, 0))  # keep one token before the reply: it predicts the first
-        ids, labels = ex.input_ids[left:], ex.labels[left:]
-        return Example(ids[: self.max_length], labels[: self.max_length], ex.source, ex.line), True
+            return None, f"longer than max_length={self.max_length}", True
+        while True:
+            if row.text is not None or self.mask == "none" or _last_reply_start(ex.labels) < self.max_length:
+                keep = self.max_length
+                return Example(ex.input_ids[:keep], ex.labels[:keep], ex.source, ex.line), None, True
+            shorter = _without_oldest_turn(row, self._trained_turns(row))
+            if shorter is None:
+                return None, "prompt longer than data.max_length", True
+            row = shorter
+            ex = self.render(row)
+            if len(ex.input_ids) <= self.max_length:
+                return ex, None, True
+
+
+def _last_reply_start(labels: list[int]) -> int:
+    """Position of the first token of the last trained reply (len(labels) when none is trained)."""
+    j = len(labels)
+    while j > 0 and labels[j - 1] == IGNORE:
+        j -= 1
+    while j > 0 and labels[j - 1] != IGNORE:
+        j -= 1
+    return j if any(x != IGNORE for x in labels) else len(labels)
+
+
+def _without_oldest_turn(row: Row, trained: list[int]) -> Row | None:
+    """The row without its oldest exchange (a user turn and the replies up to the next user turn);
+    None when only the last user turn and its reply are left. The system message stays."""
+    import dataclasses
+
+    msgs = row.messages
+    first = 1 if msgs and msgs[0]["role"] == "system" else 0
+    last_user = max(i for i, m in enumerate(msgs[: trained[-1]]) if m["role"] == "user") if trained else first
+    nxt = next((i for i in range(first + 1, len(msgs)) if msgs[i]["role"] == "user"), None)
+    if nxt is None or nxt > last_user:
+        return None
+    cut = nxt - first
+    return dataclasses.replace(row, messages=msgs[:first] + msgs[nxt:],
+                               n_prompt=max(row.n_prompt - cut, first + 1) if row.n_prompt else 0)
 
 
 def build_examples(rows: list[Row], renderer: Renderer) -> tuple[list[Example], RenderStats]:
@@ -212,9 +250,9 @@ def build_examples(rows: list[Row], renderer: Renderer) -> tuple[list[Example], 
     stats = RenderStats(rows=len(rows))
     out = []
     for row in rows:
-        ex, cut = renderer.truncate(renderer.render(row))
-        if cut and not ex.input_ids:
-            stats.dropped[f"longer than max_length={renderer.max_length}"] += 1
+        ex, dropped, cut = renderer.fit(row)
+        if ex is None:
+            stats.dropped[dropped] += 1
             continue
         stats.truncated += cut
         if ex.n_trained == 0:

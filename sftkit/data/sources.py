@@ -33,9 +33,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 class DataError(ValueError):
     """Bad input data; the message names file, line and field. `reason` groups skipped rows."""
 
-    def __init__(self, message: str, reason: str = "invalid row"):
+    def __init__(self, message: str, reason: str = "invalid row", raw: Any = None):
         super().__init__(message)
         self.reason = reason
+        self.raw = raw  # the unreadable line's text, where there is one
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Row:
 class ReadStats:
     rows: int = 0  # rows read from the sources (before skipping)
     skipped: Counter = field(default_factory=Counter)  # reason -> rows skipped (data.on_error=skip)
+    invalid: list[tuple[str, Any]] = field(default_factory=list)  # (message, the row as read) of each skipped row
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -65,14 +67,15 @@ def _jsonl(p: Path) -> Iterator[tuple[int, Any]]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield n, DataError(f"{p}:{n}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})",
-                                   "not valid UTF-8")
+                                   "not valid UTF-8", raw.decode("utf-8", errors="replace").rstrip("\r\n"))
                 continue
             if not text.strip():
                 continue
             try:
                 yield n, json.loads(text)
             except json.JSONDecodeError as e:
-                yield n, DataError(f"{p}:{n}: malformed JSON: {e.msg} at column {e.colno}", "malformed JSON")
+                yield n, DataError(f"{p}:{n}: malformed JSON: {e.msg} at column {e.colno}", "malformed JSON",
+                                   text.rstrip("\r\n"))
 
 
 def _json(p: Path) -> Iterator[tuple[int, Any]]:
@@ -363,6 +366,7 @@ def load_rows(source: str, fmt: str = "auto", columns: dict[str, str] | None = N
             if on_error == "error" or e.reason == "missing column":
                 raise
             stats.skipped[e.reason] += 1
+            stats.invalid.append((str(e), e.raw if isinstance(obj, DataError) else obj))
     if stats.rows == 0:
         raise DataError(f"{source}: empty file (no rows)", "empty file")
     return rows
@@ -407,8 +411,22 @@ def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     """Deterministic held-out split by seed: (train, eval)."""
     if not 0 < fraction < 1:
         raise DataError(f"data.eval_fraction: must be between 0 and 1, got {fraction}")
-    idx = list(range(len(rows)))
-    random.Random(seed).shuffle(idx)
+    # Rows with the same content go to the same side: a duplicate would otherwise be trained on and
+    # then "held out".
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(content_key(r), []).append(i)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
     n_eval = max(1, round(fraction * len(rows)))
-    held = set(idx[:n_eval])
+    held: set[int] = set()
+    for k in keys:
+        if len(held) >= n_eval:
+            break
+        held.update(groups[k])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def content_key(row: Row) -> str:
+    """What a row says, whatever file or line it came from."""
+    return row.text if row.text is not None else json.dumps(row.messages, sort_keys=True, ensure_ascii=False)

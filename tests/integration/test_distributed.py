@@ -106,3 +106,27 @@ def test_a_dead_rank_brings_the_others_down_within_seconds(cfg, tmp_path):
     assert time.time() - t0 < 30
     assert "a training process failed" in err
     assert not tagged("dies")  # nothing left running
+
+
+def test_sigterm_to_one_rank_saves_on_both_and_resumes_exactly(cfg, tmp_path):
+    """The ranks agree on stopping before the save: a rank that saw the signal alone used to enter
+    the checkpoint's collectives while its peer waited in a reduce, until the 600 s timeout."""
+    from sftkit import checkpoint
+
+    long = ["train.max_steps=40", "train.save_every=1000", "peft.dropout=0.1"]
+    sftkit(cfg, "--nproc", "2", f"output_dir={tmp_path / 'ref'}", *long)
+    run = tmp_path / "term"
+    p = sftkit(cfg, "--nproc", "2", f"output_dir={run}", *long, wait=False, tag="term")
+    wait_steps(run, 6, p)
+    (victim,) = tagged("term", rank="1")
+    t0 = time.time()
+    os.kill(victim, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert time.time() - t0 < 30, err[-3000:]
+    assert not tagged("term")
+    done = len(losses(run))
+    assert done < 40
+    (ckpt,) = checkpoint.complete_checkpoints(run)
+    assert checkpoint.read_meta(ckpt)["step"] == done and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
+    sftkit(cfg, "--nproc", "2", "--resume", f"output_dir={run}", *long)
+    assert losses(run) == losses(tmp_path / "ref")

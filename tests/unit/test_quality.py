@@ -88,3 +88,29 @@ def test_report_renders_with_plots(tmp_path, tokenizer):
     assert "near duplicates" in text and "![flags](flags.png)" in text
     for png in ("lengths.png", "flags.png", "diversity.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
+
+
+def test_clean_removes_invalid_rows_with_their_message_and_loses_none(tmp_path, tiny_model_dir, capsys):
+    good = [{"prompt": f"question {i} about something", "completion": f"answer {i} in words"} for i in range(6)]
+    lines = [json.dumps(r) for r in good[:3]] + [
+        json.dumps({"prompt": "a question", "completion": "   "}),  # empty reply
+        '{"prompt": "torn", "compl',  # malformed JSON
+        json.dumps({"prompt": "no reply field"}),
+    ] + [json.dumps(r) for r in good[3:]]
+    train = tmp_path / "t.jsonl"
+    train.write_text("\n".join(lines) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {train}\n")
+    for on_error in ("error", "skip"):
+        out = tmp_path / f"clean-{on_error}.jsonl"
+        assert main(["data", "clean", str(cfg), f"data.on_error={on_error}", "--out", str(out), "--drop", "empty"]) == 0
+        kept = [json.loads(x) for x in open(out)]
+        removed = [json.loads(x) for x in open(tmp_path / "removed.jsonl")]
+        assert kept == good
+        assert {r["source"]: r["reason"] for r in removed} == {
+            f"{train}:4": "completion: empty reply",
+            f"{train}:5": "malformed JSON: Invalid control character at at column 26",
+            f"{train}:6": "completion: missing field; the row has prompt",
+        }
+        assert {r["source"]: r["row"] for r in removed}[f"{train}:5"] == '{"prompt": "torn", "compl'
+        assert "read 9 = kept 6 + removed 3" in capsys.readouterr().out

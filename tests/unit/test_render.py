@@ -4,7 +4,7 @@ import pytest
 
 from sftkit.data.packing import pad_collate
 from sftkit.data.render import IGNORE, Renderer, build_examples
-from sftkit.data.sources import DataError, Normaliser
+from sftkit.data.sources import DataError, Normaliser, Row
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 CHAT = {"messages": [
@@ -129,13 +129,37 @@ def test_template_that_is_not_prefix_consistent_is_reported_with_row(tokenizer, 
         Renderer(tokenizer, template=str(path)).render(row({"prompt": "q", "completion": "a"}, line=3))
 
 
-def test_truncation_cuts_prompt_from_left_before_reply(tokenizer):
-    r = Renderer(tokenizer, max_length=20)
-    full = r.render(row({"prompt": "word " * 50, "completion": "short answer"}))
-    ex, cut = r.truncate(full)
-    assert cut and len(ex.input_ids) == 20
-    assert ex.input_ids == full.input_ids[-20:]
-    assert ex.n_trained == full.n_trained  # the reply survives whole
+def test_truncation_cuts_the_reply_tail_and_keeps_the_opening_and_prompt(tokenizer):
+    r = Renderer(tokenizer, max_length=40)
+    full = r.render(row({"prompt": "What is the capital of France?", "completion": "word " * 80}))
+    ex, dropped, cut = r.fit(row({"prompt": "What is the capital of France?", "completion": "word " * 80}))
+    assert cut and dropped is None and len(ex.input_ids) == 40
+    assert ex.input_ids == full.input_ids[:40]  # BOS, system message, header and the whole question
+    prompt_len = full.labels.index(next(x for x in full.labels if x != -100))
+    assert ex.labels[:prompt_len] == [-100] * prompt_len and ex.n_trained == 40 - prompt_len
+
+
+def test_a_prompt_that_cannot_fit_drops_the_row_under_its_own_reason(tokenizer):
+    rows = [row({"prompt": "word " * 50, "completion": "short answer"}, line=4), row({"prompt": "q", "completion": "a"})]
+    exs, stats = build_examples(rows, Renderer(tokenizer, max_length=40))
+    assert len(exs) == 1 and stats.dropped == {"prompt longer than data.max_length": 1}
+    assert "1 prompt longer than data.max_length" in stats.summary("train")
+
+
+def test_truncation_removes_earlier_turns_whole_and_oldest_first(tokenizer):
+    long_first = [{"role": "user", "content": "word " * 30}, {"role": "assistant", "content": "first reply"},
+                  {"role": "user", "content": "second question"}, {"role": "assistant", "content": "second reply"},
+                  {"role": "user", "content": "third question"}, {"role": "assistant", "content": "third reply"}]
+    r = Renderer(tokenizer, max_length=60)
+    last_two = r.render(row({"messages": long_first[2:]}))
+    assert len(r.render(row({"messages": long_first})).input_ids) > 60 >= len(last_two.input_ids)
+    ex, dropped, cut = r.fit(row({"messages": long_first}))
+    assert cut and dropped is None
+    assert (ex.input_ids, ex.labels) == (last_two.input_ids, last_two.labels)  # whole turns, the opening kept
+    only_last = r.render(row({"messages": long_first[4:]}))
+    r2 = Renderer(tokenizer, max_length=len(only_last.input_ids))
+    ex2, _, _ = r2.fit(row({"messages": long_first}))
+    assert ex2.input_ids == only_last.input_ids
 
 
 def test_truncation_drop_and_error(tokenizer):
@@ -147,8 +171,7 @@ def test_truncation_drop_and_error(tokenizer):
 
 
 def test_sample_left_without_trained_tokens_is_dropped_and_counted(tokenizer):
-    # Cut to one token: that token is a reply token, but the first token is never predicted,
-    # so nothing is left for the loss.
-    exs, stats = build_examples([row({"prompt": "p", "completion": "fine"})], Renderer(tokenizer, max_length=1))
+    # Plain text cut to one token: the first token is never predicted, so nothing is left for the loss.
+    exs, stats = build_examples([Row([], "t.jsonl", 1, "text", text="some words here")], Renderer(tokenizer, max_length=1))
     assert exs == [] and stats.dropped["no trained token left after truncation"] == 1
     assert "1 no trained token left after truncation" in stats.summary("train")

@@ -126,9 +126,25 @@ def test_weighted_mix_and_eval_fraction_are_deterministic(tmp_path):
                              "data.eval_fraction": 0.2})
     train, held, _ = read(cfg.data, seed=1)
     train2, held2, _ = read(cfg.data, seed=1)
-    assert len(train) + len(held) == 25 and len(held) == 5
+    # Each source is split (2 of 10 held out), then the training parts are mixed: 8 x 2 + 8 x 0.5.
+    assert len(train) == 20 and len(held) == 4
     assert [r.messages[0]["content"] for r in held] == [r.messages[0]["content"] for r in held2]
-    sources = [r.messages[0]["content"][0] for r in train + held]
-    assert sources.count("a") == 20 and sources.count("b") == 5
+    assert [r.messages[0]["content"] for r in train] == [r.messages[0]["content"] for r in train2]
+    sources = [r.messages[0]["content"][0] for r in train]
+    assert sources.count("a") == 16 and sources.count("b") == 4
     assert mix([(train[:3], 1.0)], 0) == train[:3]
     assert split_eval(train, 0.5, 3) == split_eval(train, 0.5, 3)
+
+
+def test_held_out_rows_never_reach_training_under_weights_replay_and_duplicates(tmp_path):
+    from sftkit.data.sources import content_key
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
+    a = write_jsonl(tmp_path / "a.jsonl", rows + rows[:10])  # ten rows written twice
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"plain text number {i}"} for i in range(30)])
+    for seed in range(5):
+        cfg = load_config(None, {"data.train": [{"path": str(a), "weight": 2}, {"path": str(b), "weight": 1.5}],
+                                 "data.eval_fraction": 0.25, "data.replay": {"source": "builtin", "ratio": 0.5}})
+        train, held, _ = read(cfg.data, seed=seed)
+        assert held and not {content_key(r) for r in held} & {content_key(r) for r in train}
+        assert not any(r.source.endswith("reference.jsonl") for r in held)  # replay text is training only
