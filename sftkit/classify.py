@@ -96,16 +96,23 @@ def stratified_split(rows: list[LabelledText], fraction: float, seed: int) -> tu
 
 
 # -- model ----------------------------------------------------------------------------------------
-def load_classifier(name: str, labels: list[str], dtype: torch.dtype = torch.float32):
+def load_classifier(name: str, labels: list[str], dtype: torch.dtype = torch.float32, revision: str | None = None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .models import _hub_error
+
     path = resolve(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)}, dtype=dtype, revision=revision, output_loading_info=True)
+    except OSError as e:
+        raise _hub_error(name, e) from None
+    except ValueError as e:  # a model type without a sequence-classification class
+        raise ConfigError(f"model.name {name!r} cannot be a classifier: {str(e).splitlines()[0][:300]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-        dtype=dtype, output_loading_info=True)
     model.config.pad_token_id = tok.pad_token_id  # decoders pool at the last token that is not padding
     return model, tok, set(info["missing_keys"])
 
@@ -163,18 +170,59 @@ def select_trainable(model, method: str, new_keys: set[str], trainable: list[str
 
 
 # -- training -------------------------------------------------------------------------------------
-def encode(tok, rows: list[LabelledText], max_length: int) -> list[list[int]]:
-    return [tok(r.text, truncation=True, max_length=max_length)["input_ids"] for r in rows]
+def encode(tok, rows: list[LabelledText], max_length: int, truncation: str = "truncate") -> tuple[list, list, int]:
+    """Token ids of the rows within max_length by data.truncation: (kept rows, their ids, rows dropped)."""
+    from .data.render import TRUNCATION
+
+    if truncation not in TRUNCATION:
+        raise DataError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
+    kept, ids, dropped = [], [], 0
+    for r in rows:
+        full = tok(r.text)["input_ids"]
+        if len(full) > max_length and truncation == "error":
+            raise DataError(f"{r.source}:{r.line}: text: {len(full)} tokens, longer than data.max_length={max_length} "
+                            "(data.truncation=error)", "longer than max_length")
+        if len(full) > max_length and truncation == "drop":
+            dropped += 1
+            continue
+        kept.append(r)
+        ids.append(full if len(full) <= max_length else tok(r.text, truncation=True, max_length=max_length)["input_ids"])
+    return kept, ids, dropped
 
 
-def collate(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+# Keys that mean nothing for a classifier: setting one stops the run rather than being ignored.
+UNUSED = ("data.format", "data.pack", "data.mask", "data.template", "data.system", "data.replay", "peft.rslora",
+          "peft.dora", "train.grad_accum", "train.save_every", "train.max_forward_tokens", "train.group_by_length",
+          "train.kl_to_base", "train.checkpointing", "eval.generate", "eval.metric", "eval.compare_base",
+          "eval.max_new_tokens", "eval.limit")
+
+
+def check_keys(cfg: Config) -> None:
+    """Each key set for a classification run is used as in SFT, or the run stops here, naming it."""
+    import os
+
+    from .config import _flatten_all
+
+    now, default = _flatten_all(cfg.to_dict()), _flatten_all(Config().to_dict())
+    unused = [k for k in UNUSED if now[k] != default[k]]
+    if unused:
+        raise ConfigError(f"task: classification does not use {', '.join(unused)} (set to "
+                          f"{', '.join(repr(now[k]) for k in unused)}); remove them from the config"
+                          + ("; checkpoints and --resume are not built for classification yet"
+                             if "train.save_every" in unused else ""))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("task: classification runs in one process: --nproc / torchrun would train the same "
+                          "model N times into one directory")
+
+
+def collate(ids: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, x in enumerate(ids):
         input_ids[i, : len(x)] = torch.tensor(x)
         mask[i, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 @torch.no_grad()
@@ -184,7 +232,7 @@ def cache_features(model, ids: list[list[int]], pad_id: int, batch_size: int, de
     out: list[torch.Tensor | None] = [None] * len(ids)
     for b in tqdm(range(0, len(order), batch_size), desc=desc, file=sys.stderr, leave=False):
         idx = order[b : b + batch_size]
-        f = features(model, collate([ids[i] for i in idx], pad_id))
+        f = features(model, collate([ids[i] for i in idx], pad_id, next(model.parameters()).device))
         for j, i in enumerate(idx):
             out[i] = f[j]
     return torch.stack(out)
@@ -202,11 +250,24 @@ def class_weights(spec, rows: list[LabelledText], labels: list[str]) -> torch.Te
 
 
 def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True) -> ClassifyResult:
-    from .trainer import log, lr_lambda, prepare_run_dir
+    from .models import pick_dtype
+    from .report import MetricsLog
+    from .trainer import (
+        TrainingError,
+        cap_max_length,
+        check_precision,
+        log,
+        lr_lambda,
+        prepare_run_dir,
+        require_loggers,
+    )
 
     t0 = time.time()
     if not isinstance(cfg.data.train, str):
         raise ConfigError("task: classification takes one data.train source")
+    check_keys(cfg)
+    check_precision(cfg)
+    require_loggers(cfg)
     run_dir = prepare_run_dir(cfg.output_dir, overwrite, resume=False)
     save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
@@ -228,16 +289,26 @@ def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True) -
     log(f"{len(train_rows)} training rows, {len(eval_rows)} held out; labels: "
         + ", ".join(f"{n} ({counts[n]})" for n in labels) + (f"; skipped: {dict(skipped)}" if skipped else ""))
 
-    model, tok, new_keys = load_classifier(cfg.model.name, labels)
+    model, tok, new_keys = load_classifier(cfg.model.name, labels, pick_dtype(cfg.model.dtype), cfg.model.revision)
+    cap_max_length(cfg, model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     method = cfg.peft.method
     model = select_trainable(model, method, new_keys, cfg.peft.trainable, cfg.peft)
     trainable, total = count_parameters(model)
     log(f"method {method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
     pad = tok.pad_token_id
-    train_ids, eval_ids = encode(tok, train_rows, cfg.data.max_length), encode(tok, eval_rows, cfg.data.max_length)
-    y_train = torch.tensor([labels.index(r.label) for r in train_rows])
-    y_eval = torch.tensor([labels.index(r.label) for r in eval_rows])
+    train_rows, train_ids, n_drop = encode(tok, train_rows, cfg.data.max_length, cfg.data.truncation)
+    eval_rows, eval_ids, n_drop_eval = encode(tok, eval_rows, cfg.data.max_length, cfg.data.truncation)
+    if n_drop or n_drop_eval:
+        log(f"dropped {n_drop} training and {n_drop_eval} held-out rows longer than data.max_length="
+            f"{cfg.data.max_length} (data.truncation=drop)")
+    if not train_rows:
+        raise DataError(f"{cfg.data.train}: no training row left (all longer than data.max_length)")
+    y_train = torch.tensor([labels.index(r.label) for r in train_rows], device=device)
+    y_eval = torch.tensor([labels.index(r.label) for r in eval_rows], device=device)
     weights = class_weights(cfg.classify.class_weights, train_rows, labels)
+    weights = weights.to(device) if weights is not None else None
 
     use_cache = method == "head" and cache
     if use_cache:
@@ -251,9 +322,9 @@ def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True) -
         if method == "head":
             with torch.no_grad():
                 model.base_model.eval()
-                f = features(model, collate([ids[i] for i in idx], pad))
+                f = features(model, collate([ids[i] for i in idx], pad, device))
             return head_logits(model, f)
-        return model(**collate([ids[i] for i in idx], pad)).logits
+        return model(**collate([ids[i] for i in idx], pad, device)).logits
 
     def evaluate() -> tuple[dict, dict]:
         model.eval()
@@ -282,8 +353,8 @@ def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True) -
         (lambda a, b: a < b - cfg.train.min_delta)
     if cfg.classify.metric not in ("macro_f1", "eval_loss"):
         raise ConfigError(f"classify.metric: {cfg.classify.metric!r} is not macro_f1 or eval_loss")
-    best, best_state, bad = None, None, 0
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    best, best_state, bad, bad_steps = None, None, 0, 0
+    metrics = MetricsLog(run_dir, cfg, 0)
     model.train()
     if method == "head":
         model.base_model.eval()  # frozen: no dropout, so features stay what the cache holds
@@ -296,12 +367,24 @@ def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True) -
         lg = logits_for(idx, train_ids, train_feats if use_cache else None).float()
         loss = F.cross_entropy(lg, y_train[idx], weight=weights)
         loss.backward()
-        if cfg.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        record = {"step": step + 1, "loss": float(loss), "lr": scheduler.get_last_lr()[0]}
-        optimizer.step()
-        scheduler.step()
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        record = {"step": step + 1, "loss": float(loss), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        if math.isfinite(record["loss"]) and math.isfinite(grad_norm):
+            optimizer.step()
+            scheduler.step()
+            bad_steps = 0
+        else:  # as in SFT: a NaN/inf never reaches the weights and is never reported as a number
+            bad_steps += 1
+            record.update(loss=None, grad_norm=None, skipped="non-finite loss or gradient")
+            log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row, limit "
+                f"train.max_bad_steps={cfg.train.max_bad_steps})")
         optimizer.zero_grad(set_to_none=True)
+        if bad_steps > cfg.train.max_bad_steps:
+            metrics.write(record)
+            metrics.close()
+            raise TrainingError(f"{bad_steps} consecutive steps with a non-finite loss or gradient (last at step "
+                                f"{step + 1}); lower train.lr, check the data, or keep train.max_grad_norm on")
         step += 1
         last = step == total_steps
         stop = False
@@ -316,14 +399,15 @@ def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True) -
             else:
                 bad += 1
                 stop = cfg.train.patience > 0 and bad >= cfg.train.patience
-        metrics_file.write(json.dumps(record) + "\n")
-        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", "eval_loss", "macro_f1")}, refresh=False)
+        metrics.write(record)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", "eval_loss", "macro_f1") and v is not None},
+                        refresh=False)
         bar.update(1)
         if stop:
             log(f"early stopping: {cfg.classify.metric} has not improved for {cfg.train.patience} evals")
             break
     bar.close()
-    metrics_file.close()
+    metrics.close()
     if best_state is not None:  # the final model is the best one by classify.metric
         with torch.no_grad():
             for n, p in model.named_parameters():

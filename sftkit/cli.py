@@ -43,14 +43,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .trainer import train
 
+    cfg = load_config(args.config, args.overrides)
+    if cfg.task == "classification" and args.nproc > 1:
+        raise ConfigError("task: classification runs in one process: --nproc would train the same model "
+                          f"{args.nproc} times into one directory")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_processes(args, args.argv)
-    cfg = load_config(args.config, args.overrides)
     if cfg.task == "classification":
         from .classify import format_report, train_classifier
 
         if args.resume:
-            raise ConfigError("--resume is not supported for task: classification (runs are short); start again")
+            raise ConfigError("--resume: task: classification writes no checkpoints yet (runs are short); "
+                              "start again with --overwrite")
         res = train_classifier(cfg, overwrite=args.overwrite)
         print(f"done: {res.steps} steps in {res.seconds:.0f}s")
         if res.report:

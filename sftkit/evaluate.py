@@ -193,6 +193,17 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[st
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50)), "token_accuracy": correct / max(tokens, 1)}
 
 
+def check_references(rows: list) -> None:
+    """Generation scores the model's reply against the row's last message, which must be a reply."""
+    from .data.sources import DataError
+
+    for r in rows:
+        if r.text is None and r.messages[-1]["role"] != "assistant":
+            raise DataError(f"{r.source}:{r.line}: messages[{len(r.messages) - 1}]: the row ends with a "
+                            f"{r.messages[-1]['role']} turn; a held-out row must end with the reply to score "
+                            "against (drop the trailing turn, or the row)", "no reference reply")
+
+
 def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: bool = True, generate_replies: bool = True,
                    max_new_tokens: int = 64, batch_size: int = 16, shots: list | None = None, sampling: dict | None = None,
                    label: str = "model") -> EvalResult:
@@ -207,6 +218,8 @@ def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: boo
         examples, _ = build_examples(rows, renderer)
         result.metrics.update(loss_metrics(model, examples, batch_size, renderer.tok.pad_token_id))
     gen_rows = [r for r in rows if r.text is None]
+    if generate_replies:
+        check_references(gen_rows)
     if generate_replies and gen_rows:
         prompts = [r.messages[:-1] for r in gen_rows]
         if shots:

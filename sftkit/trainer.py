@@ -27,7 +27,7 @@ from .data import prepare, renderer_for, text_source
 from .data.packing import Batcher, pad_multiple
 from .data.render import IGNORE, Renderer, build_examples
 from .data.sources import Row, load_rows
-from .evaluate import evaluate_model, loss_metrics
+from .evaluate import check_references, evaluate_model, loss_metrics
 from .loss import TokenLoss
 from .models import apply_method, count_parameters, load_model
 from .report import MetricsLog, plot_loss
@@ -338,6 +338,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         raise ConfigError(f"{cfg.data.train}: no example has a trained token left; raise data.max_length")
     if cfg.eval.generate and not eval_rows:
         raise ConfigError("eval.generate=true needs held-out rows: set data.eval or data.eval_fraction")
+    if cfg.eval.generate:
+        check_references(eval_rows)
 
     result = RunResult(run_dir=run_dir, steps=0, final_loss=float("nan"))
     device = accelerator.device

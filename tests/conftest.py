@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# No hub at test time: a model or data set name that is not local fails at once instead of waiting on
+# the network (set before transformers and huggingface_hub read it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

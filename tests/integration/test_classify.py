@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from sftkit.classify import LabelledText, class_weights, stratified_split, train_classifier
 from sftkit.cli import main
-from sftkit.config import load_config
+from sftkit.config import ConfigError, load_config
 from sftkit.data.sources import DataError
 from sftkit.models import resolve
 
@@ -102,3 +102,65 @@ def test_data_inspect_reports_labels_and_imbalance(tmp_path, tiny_model_dir, cap
     out = capsys.readouterr().out
     assert "labels: ham 9 (90%), spam 1 (10%)" in out
     assert "imbalance 9.0:1, consider classify.class_weights=auto" in out
+
+
+def test_texts_longer_than_the_encoder_limit_follow_data_truncation(tmp_path, tiny_bert_dir, capsys):
+    """The tiny BERT takes 128 positions; data.max_length defaults to 1024."""
+    long = [{"text": "great " * 300, "label": "pos"}, {"text": "awful " * 300, "label": "neg"}]
+    rows = ROWS + long
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    c = cfg(tmp_path, tiny_bert_dir, "long", **{"peft.method": "full", "train.max_steps": 2})
+    c.data.train = str(write_jsonl(tmp_path / "long.jsonl", rows))
+    c.data.max_length = 1024
+    r = train_classifier(c)
+    assert r.steps == 2
+    assert "data.max_length=1024 is more than" in capsys.readouterr().err
+    c2 = cfg(tmp_path, tiny_bert_dir, "long-err", **{"data.truncation": "error", "data.max_length": 1024})
+    c2.data.train = str(tmp_path / "long.jsonl")
+    with pytest.raises(DataError, match=r"long.jsonl:37: text: \d+ tokens, longer than data.max_length=128"):
+        train_classifier(c2)
+
+
+@pytest.mark.parametrize("key,value", [("train.grad_accum", 2), ("train.save_every", 5), ("data.pack", True),
+                                       ("train.kl_to_base", 0.1), ("eval.generate", True)])
+def test_keys_classification_does_not_use_stop_the_run(tmp_path, tiny_bert_dir, key, value):
+    with pytest.raises(ConfigError, match=f"task: classification does not use {key}"):
+        train_classifier(cfg(tmp_path, tiny_bert_dir, "k", **{key: value}))
+    assert not (tmp_path / "k").exists()  # stopped before any work
+
+
+def test_nproc_and_resume_are_refused_for_classification(tmp_path, tiny_bert_dir, capsys):
+    c = tmp_path / "c.yaml"
+    c.write_text(f"task: classification\nmodel:\n  name: {tiny_bert_dir}\ndata:\n  train: {tmp_path / 'x.jsonl'}\n")
+    assert main(["train", str(c), "--nproc", "2"]) == 2
+    assert "runs in one process: --nproc would train the same model 2 times" in capsys.readouterr().err
+    assert main(["train", str(c), "--resume"]) == 2
+    assert "--resume: task: classification writes no checkpoints yet" in capsys.readouterr().err
+
+
+def test_classifier_logs_to_tensorboard_and_guards_non_finite_steps(tmp_path, tiny_bert_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sftkit.trainer import TrainingError
+
+    r = train_classifier(cfg(tmp_path, tiny_bert_dir, "tb", **{"log.tensorboard": True, "train.max_steps": 3}))
+    acc = EventAccumulator(str(r.run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    with pytest.raises(TrainingError, match="3 consecutive steps with a non-finite loss or gradient"):
+        train_classifier(cfg(tmp_path, tiny_bert_dir, "nan", **{
+            "peft.method": "full", "train.lr": 1e30, "train.max_grad_norm": 0, "train.max_bad_steps": 2,
+            "train.max_steps": 30}))
+    records = [json.loads(x) for x in open(tmp_path / "nan" / "metrics.jsonl")]
+    assert sum(1 for x in records if x.get("skipped")) == 3
+
+
+def test_unknown_classifier_model_is_one_line(tmp_path, capsys):
+    c = tmp_path / "c.yaml"
+    write_jsonl(tmp_path / "t.jsonl", ROWS)
+    c.write_text(f"task: classification\nmodel:\n  name: no-such-org/no-such-model\ndata:\n  train: {tmp_path / 't.jsonl'}\n"
+                 f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(c)]) == 2
+    err = capsys.readouterr().err
+    assert "could not load model 'no-such-org/no-such-model'" in err and "Traceback" not in err
