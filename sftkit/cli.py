@@ -112,15 +112,18 @@ def _metrics(arg: str) -> list[str]:
     return [m.strip() for m in arg.split(",") if m.strip()]
 
 
-def _data_overrides(items: list[str]):
-    from .config import DataConfig, load_config
+def _data_overrides(items: list[str]) -> dict | None:
+    """`--set data.KEY=VALUE` items as a dict, checked; they are laid over the run's own data settings."""
+    from .config import parse_overrides, with_overrides
 
     if not items:
         return None
     bad = [i for i in items if not i.startswith("data.")]
     if bad:
         raise ConfigError(f"--set takes data.* keys only here, got {bad[0]!r}")
-    return load_config(None, items).data if items else DataConfig()
+    overrides = parse_overrides(items)
+    with_overrides(load_config(None), overrides)  # unknown keys and bad values stop here, before any model loads
+    return overrides
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -130,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     result, _ = run_eval(args.model, args.data, _metrics(args.metrics), adapter=args.adapter,
-                         data_cfg=_data_overrides(args.set), few_shot=args.few_shot, shots_from=args.shots_from,
+                         data_overrides=_data_overrides(args.set), few_shot=args.few_shot, shots_from=args.shots_from,
                          limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          generate=not args.no_generate, sampling=sampling)
     out = Path(args.out) if args.out else (Path(args.model) / "eval" if (Path(args.model) / "final").is_dir()

@@ -25,10 +25,15 @@ def pick_shots(source: str, k: int, data_cfg: DataConfig, exclude: list[Row] | N
 
 
 def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None = None, data_cfg: DataConfig | None = None,
+             data_overrides: dict | None = None,
              few_shot: int = 0, shots_from: str | None = None, limit: int = 0, max_new_tokens: int = 64,
              batch_size: int = 16, generate: bool = True, sampling: dict | None = None, label: str = "model"):
     model, tok, run_data = load_for_inference(target, adapter)
     data_cfg = data_cfg or run_data
+    if data_overrides:  # on top of the run's own settings (template, system message, mask), not the defaults
+        from .config import Config, with_overrides
+
+        data_cfg = with_overrides(Config(data=data_cfg), data_overrides).data
     rows = load_rows(data, data_cfg.format, data_cfg.columns, data_cfg.system)
     rows = rows[:limit] if limit > 0 else rows
     shots = None

@@ -18,8 +18,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .data.render import IGNORE
 
-# Models whose logits are more than `lm_head(hidden)`; they take the plain full-logits path.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # What a batch passes to the model; packed rows add the examples' boundaries (see sftkit.attention).
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids",
                  "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -83,8 +81,56 @@ def _head_ce_kl(head, hidden, targets, base_hidden, coef: float):
     return ce + coef * kl, (logits.argmax(-1) == targets).sum()
 
 
-def _has_logit_transform(config) -> bool:
-    return any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS)
+def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether the model's logits are exactly its output layer applied to the decoder's last hidden
+    states, checked numerically once per model on a few real tokens (in eval mode, so dropout
+    cannot differ). Models that scale, cap or otherwise transform their logits (Gemma-2's
+    soft-capping, Cohere's logit scale, Granite's and Falcon-H1's multipliers, and any model to come)
+    fail it and take the full-logits path; no list of model types to keep up to date."""
+    cached = getattr(base, "_sftkit_head_is_logits", None)
+    if cached is not None:
+        return cached
+    ok = False
+    if hasattr(base, "get_decoder") and base.get_output_embeddings() is not None:
+        ids = input_ids[:1, :16]
+        was_training = base.training
+        base.eval()
+        try:
+            with torch.no_grad():
+                hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                mine = base.get_output_embeddings()(hidden).float()
+                theirs = base(input_ids=ids, use_cache=False).logits.float()
+            scale = max(1.0, float(theirs.abs().max()))
+            ok = mine.shape == theirs.shape and bool(torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4 * scale))
+        finally:
+            base.train(was_training)
+    if not ok:
+        import sys
+
+        print(f"[sftkit] {type(base).__name__}: its logits are not its output layer applied to the hidden states "
+              "(a logit scale or cap); the loss uses the model's own logits (slower, same result)",
+              file=sys.stderr, flush=True)
+    base._sftkit_head_is_logits = ok
+    return ok
+
+
+def _full_logits_loss(model, inputs: dict, targets: torch.Tensor, keep: torch.Tensor, kl_coef: float,
+                      frozen: torch.nn.Module | None) -> LossSums:
+    """The plain computation from the model's own logits, for models whose logits are transformed."""
+    logits = model(**inputs).logits[:, :-1][keep].float()
+    t = targets[keep]
+    loss = F.cross_entropy(logits, t, reduction="sum")
+    if kl_coef > 0:
+        with torch.no_grad():
+            if frozen is not None:
+                base_logits = _unwrap(frozen)(**inputs).logits
+            else:
+                peft_model = getattr(model, "module", model)
+                with peft_model.disable_adapter():
+                    base_logits = peft_model(**inputs).logits
+            base_logp = F.log_softmax(base_logits[:, :-1][keep].float(), -1)
+        loss = loss + kl_coef * (base_logp.exp() * (base_logp - F.log_softmax(logits, -1))).sum()
+    return LossSums(loss, int(t.numel()), int((logits.argmax(-1) == t).sum()))
 
 
 def base_hidden_states(model: torch.nn.Module, inputs: dict, frozen: torch.nn.Module | None) -> torch.Tensor:
@@ -113,10 +159,8 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     # building the block-diagonal mask out of the position ids.
     inputs["use_cache"] = False
     base = _unwrap(model)
-    if _has_logit_transform(base.config) or not hasattr(base, "get_decoder"):
-        logits = model(**inputs).logits[:, :-1][keep].float()
-        t = targets[keep]
-        return LossSums(F.cross_entropy(logits, t, reduction="sum"), n, int((logits.argmax(-1) == t).sum()))
+    if not head_is_logits(base, batch["input_ids"]):
+        return _full_logits_loss(model, inputs, targets, keep, kl_coef, frozen_base)
     # Calling the decoder (not the whole model) skips the head over every position; LoRA layers
     # injected by peft live inside the decoder, so they are applied all the same.
     hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]

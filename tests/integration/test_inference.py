@@ -92,3 +92,18 @@ def test_export_merge_gives_same_logits_as_base_plus_adapter(tiny_run, tiny_mode
         torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-5, atol=1e-5)
     assert (out / "chat_template.jinja").is_file()
     assert main(["export", str(run), "--merge", "--out", str(out)]) == 2  # never overwritten silently
+
+
+def test_eval_set_layers_over_the_runs_own_data_settings(tmp_path, tiny_model_dir, capsys):
+    from sftkit.compare import run_eval
+
+    rows = [{"prompt": f"label {i}", "completion": "ham"} for i in range(4)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    train(load_config(None, {"model.name": str(tiny_model_dir), "data.train": str(data), "peft.r": 4,
+                             "train.max_steps": 1, "data.system": "You label messages.", "data.template": "chatml",
+                             "data.mask": "assistant", "eval.reference": None, "output_dir": str(tmp_path / "run")}))
+    _, used = run_eval(str(tmp_path / "run"), str(data), ["exact_match"], generate=False,
+                       data_overrides={"data.max_length": 64})
+    assert (used.system, used.template, used.mask, used.max_length) == ("You label messages.", "chatml", "assistant", 64)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(data), "--no-generate", "--set", "data.max_lenght=64"]) == 2
+    assert "unknown config key 'data.max_lenght'" in capsys.readouterr().err

@@ -77,3 +77,43 @@ def test_frozen_head_takes_its_gradient_in_the_forward_pass_and_equals_full_logi
         torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, rtol=1e-5, atol=1e-6, msg=k)
     ref_correct = (model(input_ids=batch["input_ids"]).logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])
     assert sums.correct == int((ref_correct & (batch["labels"][:, 1:] != IGNORE)).sum())
+
+
+def _tiny_granite(tokenizer, scaling: float, seed: int = 0):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    return GraniteForCausalLM(GraniteConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, logits_scaling=scaling, tie_word_embeddings=True)).float()
+
+
+def test_a_model_that_scales_its_logits_is_found_numerically_and_loss_and_kl_use_its_logits(tokenizer, chat_rows):
+    """Granite divides its logits by logits_scaling (as Falcon-H1 multiplies them): no list of model
+    types names it; the check at the first batch finds that head(hidden) is not the model's logits."""
+    from sftkit.loss import head_is_logits
+
+    exs, _ = build_examples([Normaliser("x")(r, i) for i, r in enumerate(chat_rows)], Renderer(tokenizer))
+    batch = pad_collate(exs[:4], tokenizer.pad_token_id)
+    assert head_is_logits(make_tiny_llama(tokenizer), batch["input_ids"])
+    assert head_is_logits(_tiny_granite(tokenizer, 1.0), batch["input_ids"])
+    model = _tiny_granite(tokenizer, 8.0)
+    sums = token_loss(model, batch)
+    torch.testing.assert_close(sums.loss, reference_loss(model, batch), rtol=1e-6, atol=1e-4)
+    # kl_to_base is computed, not skipped, on such a model: against a differing base it adds to the loss.
+    other = _tiny_granite(tokenizer, 8.0, seed=1)
+    with_kl = token_loss(model, batch, kl_coef=1.0, frozen_base=other).loss
+    assert with_kl > sums.loss + 1e-3
+    same = token_loss(model, batch, kl_coef=1.0, frozen_base=_tiny_granite(tokenizer, 8.0)).loss
+    torch.testing.assert_close(same, sums.loss, rtol=1e-6, atol=1e-4)  # KL to itself is zero
+
+
+def test_float16_training_is_refused_with_what_to_use(tmp_path):
+    import pytest
+
+    from sftkit.config import ConfigError, load_config
+    from sftkit.trainer import train
+
+    with pytest.raises(ConfigError, match="model.dtype=float16: training float16 weights without loss scaling"):
+        train(load_config(None, {"model.dtype": "float16", "output_dir": str(tmp_path / "r")}))
+    assert not (tmp_path / "r").exists()
