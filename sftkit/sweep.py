@@ -151,7 +151,15 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
             trial.set_user_attr("reason", str(e))
             print(f"[sftkit] trial {trial.number} {e}", file=sys.stderr)
             raise
-        except (Exception, SystemExit) as e:  # a failing trial is recorded and never stops the sweep
+        except (SystemExit, KeyboardInterrupt) as e:
+            if isinstance(e, SystemExit) and e.code in (0, None):
+                raise
+            # Ctrl-C / SIGTERM: the run saved and stopped; the sweep stops too. The trial is not a finished
+            # one: its parameters are queued again for the next `sftkit sweep` of the same study.
+            trial.set_user_attr("reason", "interrupted (signal); parameters re-queued")
+            study.enqueue_trial(trial.params, skip_if_exists=False)
+            raise
+        except Exception as e:  # a failing trial is recorded and never stops the sweep
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             trial.set_user_attr("reason", reason)
             print(f"[sftkit] trial {trial.number} failed: {reason}", file=sys.stderr)
@@ -161,10 +169,21 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
         print(f"[sftkit] trial {trial.number}: {metric} = {value:.4f}", file=sys.stderr)
         return value
 
-    while finished() < trials:
-        if sampler == "grid" and chosen.is_exhausted(study):
-            break
-        study.optimize(objective, n_trials=1, catch=(RuntimeError,))
+    try:
+        while finished() < trials:
+            if sampler == "grid" and chosen.is_exhausted(study):
+                break
+            study.optimize(objective, n_trials=1, catch=(RuntimeError,))
+    except (SystemExit, KeyboardInterrupt) as e:
+        code = e.code if isinstance(e, SystemExit) else 130
+        if code in (0, None):
+            raise
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # optuna leaves it running
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        write_results(study, cfg, sweep_dir, metric)
+        print(f"[sftkit] sweep stopped by a signal after {finished()} finished trials; run the same command to "
+              f"continue it ({sweep_dir})", file=sys.stderr)
+        raise SystemExit(code) from None
 
     write_results(study, cfg, sweep_dir, metric)
     return sweep_dir

@@ -110,3 +110,34 @@ def test_hopeless_trials_are_pruned_with_the_reason(tmp_path, base):
     pruned = [t for t in trials if t["state"] == "PRUNED"]
     assert pruned and all(float(t["train.lr"]) == 1e-9 for t in pruned)
     assert all(t["reason"].startswith("pruned at step 1: eval_loss") for t in pruned)
+
+
+def test_ctrl_c_ends_the_sweep_after_the_running_trial_saves_and_the_study_continues(tmp_path, base):
+    import signal
+
+    sp = space(tmp_path, {"train.lr": {"loguniform": [1e-4, 3e-2]}})
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "sftkit", "sweep", str(base), "--space", sp, "--trials", "2", "--sampler", "random",
+           "--pruner", "none", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(cmd + ["train.max_steps=400", "train.save_every=1000"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    metrics = out / "trial-000" / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read()[-2000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "sweep stopped by a signal after 0 finished trials" in err
+    assert not (out / "trial-001").exists()  # no next trial started
+    assert (out / "trial-000" / "checkpoints").is_dir()  # the running trial saved
+    first = rows(out)
+    assert [t["state"] for t in first] == ["FAIL", "WAITING"] and first[0]["reason"].startswith("interrupted")
+    # The same command continues: the interrupted trial's parameters run again, and it is not counted.
+    r = subprocess.run(cmd + ["train.max_steps=3"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    trials = rows(out)
+    assert [t["state"] for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1]["train.lr"] == first[0]["train.lr"]
