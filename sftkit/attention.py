@@ -32,13 +32,21 @@ except ImportError:
     varlen_attn = None
 
 
-def _torch_varlen(query, key, value, cu, max_len: int, scaling: float | None) -> torch.Tensor:
+def _torch_varlen(query, key, value, cu, max_len: int, scaling: float | None, window: int | None = None) -> torch.Tensor:
     """One varlen flash call over the whole row: (1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: one key/value head per group of query heads
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     cu = cu.to(device=q.device, dtype=torch.int32)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **_CAUSAL)[None]
+    causal = {"window_size": (window - 1, 0)} if window else _CAUSAL
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal)[None]
+
+
+def _window_mask(n: int, window: int, device) -> torch.Tensor:
+    """Causal sliding-window mask as transformers defines it: query i sees keys j with i - window < j <= i."""
+    i = torch.arange(n, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
 
 
 def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -49,19 +57,28 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     # query: (1, heads, tokens, head_dim); key/value may have fewer heads (grouped-query attention).
+    # Sliding-window layers (Mistral, Qwen2, Gemma's local layers) pass their window: an example
+    # longer than it must see only the last `window` keys, as the unpacked model does.
+    window = kwargs.get("sliding_window")
+    window = int(window) if isinstance(window, int) and window > 0 else None
     if (varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
-            and not (dropout and module.training)):
+            and not (dropout and module.training) and (window is None or "window_size" in _CAUSAL)):
         max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
-        return _torch_varlen(query, key, value, cu, int(max_len), scaling), None
+        return _torch_varlen(query, key, value, cu, int(max_len), scaling, window), None
     lengths = (cu[1:] - cu[:-1]).tolist()
     if sum(lengths) != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q covers {sum(lengths)} tokens but the row has {query.shape[2]}")
     gqa = key.shape[1] != query.shape[1]
+
+    def attend(q, k, v):
+        n = q.shape[2]
+        if window is not None and n > window:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(n, window, q.device),
+                                                  dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+
     # split (not slicing) so that the backward pass concatenates the gradients in one go.
-    outs = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
-    ]
+    outs = [attend(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 
@@ -92,3 +109,36 @@ def use_packed_attention(model: torch.nn.Module) -> str:
     if current != target:
         model.set_attn_implementation(target)
     return target
+
+
+def packing_problem(model: torch.nn.Module, examples: list) -> str | None:
+    """Why packing would change this model's results (None: it does not), checked numerically on
+    two real examples in eval mode: the second example's logits packed after the first must equal
+    its logits alone. Catches attention that ignores the examples' boundaries (ALiBi models such as
+    Bloom, implementations that build no per-example mask) and anything else that would let packed
+    examples see each other, for any model type, without a list to keep up to date."""
+    from .data.packing import pack_collate
+
+    if len(examples) < 2:
+        return None
+    a, b = sorted(examples[:64], key=lambda e: -len(e.input_ids))[:2]
+    keys = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pack_collate([[a, b]], 0).items() if k in keys}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(**batch, use_cache=False).logits[0, len(a.input_ids):].float()
+            alone = model(input_ids=torch.tensor([b.input_ids], device=device), use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    scale = max(1.0, float(alone.abs().max()))
+    tol = (1e-4 if alone.dtype == torch.float32 and packed.dtype == torch.float32 else 2e-2) * scale
+    diff = float((packed - alone).abs().max())
+    if diff <= tol:
+        return None
+    return (f"data.pack=true: packing is not exact for model type {model.config.model_type!r} "
+            f"(attention {getattr(model.config, '_attn_implementation', '?')}): an example packed after another "
+            f"gives other logits than alone (max difference {diff:.2e}), so examples would see each other; "
+            "set data.pack=false")

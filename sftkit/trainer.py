@@ -21,7 +21,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .attention import use_packed_attention
+from .attention import packing_problem, use_packed_attention
 from .config import Config, ConfigError, resume_conflicts, save_config
 from .data import prepare, renderer_for, text_source
 from .data.packing import Batcher, pad_multiple
@@ -347,6 +347,9 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         model.to(device)
     if cfg.data.pack:
         log(f"packed rows: attention {use_packed_attention(model)}")
+        problem = packing_problem(model, train_ex)
+        if problem:
+            raise ConfigError(problem)
     if cfg.eval.generate and cfg.eval.compare_base and start_ckpt is None and main_process:
         result.scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
         log(f"base model {cfg.eval.metric} on the held-out rows: {result.scores['base']:.3f}")

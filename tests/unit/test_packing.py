@@ -155,3 +155,84 @@ def test_pad_collate_rounds_the_width_up_and_masks_the_extra_padding(tokenizer, 
         a, b = token_loss(model, plain), token_loss(model, rounded)
     assert a.tokens == b.tokens
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+
+
+# -- packing across model families ------------------------------------------------------------------
+def _family(tokenizer, name: str):
+    import transformers as T
+
+    v, small = len(tokenizer), {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 4}
+    torch.manual_seed(0)
+    if name == "mistral-window":
+        m = T.MistralForCausalLM(T.MistralConfig(vocab_size=v, num_key_value_heads=2, sliding_window=16, **small))
+    elif name == "qwen2-window":
+        m = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=v, num_key_value_heads=2, use_sliding_window=True,
+                                             sliding_window=16, max_window_layers=0, **small))
+    elif name == "gpt2":
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
+    elif name == "gpt-neox":
+        m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=v, **small))
+    elif name == "gemma2":  # local (sliding) and global layers, eager attention
+        m = T.Gemma2ForCausalLM(T.Gemma2Config(vocab_size=v, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                                               **small))
+    elif name == "bloom":
+        m = T.BloomForCausalLM(T.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4))
+    elif name.startswith("llama"):
+        m = make_tiny_llama(tokenizer)
+        m.set_attn_implementation(name.split("-")[1])
+    return m.float().eval()  # no dropout: the two computations must be comparable token for token
+
+
+def _long_examples(tokenizer):
+    """Examples longer than the 16-token windows, so that a window that is ignored shows."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}? " + "word " * (3 * i)},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(8)]
+    exs, _ = build_examples([Normaliser("x")(r, i) for i, r in enumerate(rows)], Renderer(tokenizer))
+    assert min(len(e.input_ids) for e in exs) > 16
+    return exs
+
+
+@pytest.mark.parametrize("family", ["llama-eager", "llama-sdpa", "mistral-window", "qwen2-window", "gpt2", "gpt-neox",
+                                    "gemma2"])
+def test_packed_loss_equals_unpacked_on_each_family(tokenizer, family):
+    from sftkit.attention import packing_problem
+
+    model = _family(tokenizer, family)
+    use_packed_attention(model)
+    exs = _long_examples(tokenizer)
+    assert packing_problem(model, exs) is None
+    bins = best_fit_decreasing([len(e.input_ids) for e in exs], 512)
+    packed = token_loss(model, pack_collate([[exs[i] for i in b] for b in bins], tokenizer.pad_token_id))
+    packed.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0.0
+    for e in exs:
+        s = token_loss(model, pad_collate([e], tokenizer.pad_token_id))
+        s.loss.backward()
+        total = total + s.loss.detach()
+    torch.testing.assert_close(packed.loss.detach(), total, rtol=1e-5, atol=1e-4)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_packing_is_refused_where_examples_would_see_each_other(tokenizer, tmp_path):
+    """Bloom's ALiBi attention takes no positions: packed examples attend across their boundary."""
+    from sftkit.attention import packing_problem
+    from sftkit.config import ConfigError, load_config
+    from sftkit.trainer import train
+
+    from ..conftest import write_jsonl
+
+    model = _family(tokenizer, "bloom")
+    assert "model type 'bloom'" in packing_problem(model, _long_examples(tokenizer))
+    model.save_pretrained(tmp_path / "bloom")
+    tokenizer.save_pretrained(tmp_path / "bloom")
+    data = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i} " * 20, "completion": f"a{i}"} for i in range(4)])
+    cfg = load_config(None, {"model.name": str(tmp_path / "bloom"), "data.train": str(data), "data.pack": True,
+                             "output_dir": str(tmp_path / "run"), "eval.reference": None})
+    with pytest.raises(ConfigError, match=r"data.pack=true: packing is not exact for model type 'bloom'.*set data.pack=false"):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any step
