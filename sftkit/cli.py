@@ -505,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"sftkit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, data, evaluation): nothing to save
+        print("sftkit: interrupted (Ctrl-C) before training started or after it ended; no checkpoint was written "
+              "by this step", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         from .trainer import TrainingError
 

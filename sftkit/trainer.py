@@ -87,7 +87,8 @@ def prepare_run_dir(path: str, overwrite: bool, resume: bool) -> Path:
     try:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir {out} is not writable: it is a file, not a directory")
-        if out.exists() and any(out.iterdir()) and not resume:
+        # A run that stopped before its first step (bad data, say) left only these: it is taken again.
+        if out.exists() and any(p.name not in (RUN_MARKER, "config.yaml") for p in out.iterdir()) and not resume:
             if not overwrite and not is_run_dir(out):
                 raise ConfigError(f"{_overwrite_refusal(out)}; choose an empty or new output_dir")
             if not overwrite:

@@ -74,8 +74,13 @@ def _jsonl(p: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield n, json.loads(text)
             except json.JSONDecodeError as e:
-                yield n, DataError(f"{p}:{n}: malformed JSON: {e.msg} at column {e.colno}", "malformed JSON",
+                yield n, DataError(f"{p}:{n}: malformed JSON: {_json_msg(e)}", "malformed JSON",
                                    text.rstrip("\r\n"))
+
+
+def _json_msg(e: json.JSONDecodeError) -> str:
+    # Some of json's messages end in "at" ("Invalid control character at"): say the column once.
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _json(p: Path) -> Iterator[tuple[int, Any]]:
@@ -84,7 +89,7 @@ def _json(p: Path) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 (byte {e.start})", "not valid UTF-8") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}", "malformed JSON") from None
+        raise DataError(f"{p}:{e.lineno}: malformed JSON: {_json_msg(e)}", "malformed JSON") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: one list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:

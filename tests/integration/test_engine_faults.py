@@ -180,3 +180,23 @@ def test_resume_passes_over_a_damaged_latest_checkpoint(tmp_path, tiny_model_dir
         (p / "trainable.safetensors").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match=r"--resume: no checkpoint in .* reads back whole"):
         train(load_config(None, d), resume=True)
+
+
+def test_max_length_is_capped_at_the_models_positions(tmp_path, tiny_model_dir, chat_rows, capsys):
+    """The tiny Llama has 512 positions; a row of ~800 tokens follows data.truncation within them."""
+    rows = chat_rows + [{"prompt": "Summarise: " + "word " * 60, "completion": "long " * 800}]
+    r = train(load_config(None, cfg_dict(tmp_path, tiny_model_dir, rows, "cap", **{
+        "data.max_length": 4096, "train.max_steps": 2, "train.batch_size": 13, "eval.reference": None})))
+    err = capsys.readouterr().err
+    assert "data.max_length=4096 is more than" in err and "(512 positions): using 512" in err
+    assert "1 truncated" in err and r.steps == 2
+
+
+def test_a_logger_whose_package_is_missing_stops_before_the_model_loads(tmp_path, tiny_model_dir, chat_rows,
+                                                                       monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match="log.tensorboard=true needs the tensorboard package: pip install tensorboard"):
+        train(load_config(None, cfg_dict(tmp_path, tiny_model_dir, chat_rows, "tb", **{"log.tensorboard": True})))
+    assert "loading model" not in capsys.readouterr().err

@@ -109,7 +109,7 @@ def test_clean_removes_invalid_rows_with_their_message_and_loses_none(tmp_path, 
         assert kept == good
         assert {r["source"]: r["reason"] for r in removed} == {
             f"{train}:4": "completion: empty reply",
-            f"{train}:5": "malformed JSON: Invalid control character at at column 26",
+            f"{train}:5": "malformed JSON: Invalid control character at column 26",
             f"{train}:6": "completion: missing field; the row has prompt",
         }
         assert {r["source"]: r["row"] for r in removed}[f"{train}:5"] == '{"prompt": "torn", "compl'
