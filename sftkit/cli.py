@@ -218,41 +218,101 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import shutil
+    """A run's model as a Hugging Face folder (--merge: the adapter merged in) and/or a GGUF file,
+    each checked by loading it back and comparing logits with the run's model."""
     from pathlib import Path
 
     from .config import load_config
-    from .export import merge_adapter
-    from .models import load_tokenizer
+    from .export import hub_folder
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"export: {run} is not a run directory (no config.yaml)")
+    if not (run / "final" / "model").is_dir():
+        raise ConfigError(f"export: {run} has no final model (did the run finish?)")
+    if not (args.out or args.gguf or args.push_to_hub):
+        raise ConfigError("export: say where: --out DIR (a Hugging Face folder), --gguf FILE.gguf, and/or --push-to-hub REPO")
     cfg = load_config(run / "config.yaml")
-    adapter = run / "final" / "adapter"
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"export: {out} is not empty; pass --overwrite to replace it")
-    if not adapter.is_dir():
-        if not (run / "final" / "model").is_dir():
-            raise ConfigError(f"export: {run} has no final model (did the run finish?)")
-        shutil.copytree(run / "final" / "model", out, dirs_exist_ok=True)  # full / freeze: already a model
-        print(f"copied {run / 'final' / 'model'} to {out}")
-        return 0
-    if not args.merge:
-        shutil.copytree(adapter, out, dirs_exist_ok=True)
-        print(f"copied the adapter to {out} (add --merge for a standalone model)")
-        return 0
-    merged = merge_adapter(cfg.model.name, adapter, cfg.model.dtype, cfg.model.revision)
-    merged.save_pretrained(out)
-    if (adapter / "tokenizer_config.json").is_file():  # the run saved its tokenizer beside the adapter
-        from transformers import AutoTokenizer
+    gguf_path = export_gguf(run, cfg, Path(args.gguf), args.gguf_type, args.overwrite) if args.gguf else None
+    if args.out:
+        export_folder(run, cfg, Path(args.out), args.merge, args.overwrite)
+    if args.push_to_hub:
+        folder = hub_folder(run, Path(args.out) if args.out else None, gguf_path)
+        from huggingface_hub import HfApi
 
-        AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
-    else:
-        load_tokenizer(cfg.model.name, cfg.model.revision).save_pretrained(out)
-    print(f"merged {adapter} into {cfg.model.name} -> {out} (loads with AutoModelForCausalLM.from_pretrained)")
+        try:
+            api = HfApi()
+            api.create_repo(args.push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=args.push_to_hub, folder_path=str(folder))
+        except Exception as e:  # noqa: BLE001 - offline, no token, no rights: one line whatever the cause
+            raise ConfigError(f"--push-to-hub {args.push_to_hub}: upload failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); the folder it would upload is "
+                              f"{folder}") from None
+        print(f"uploaded {folder} to {args.push_to_hub}")
     return 0
+
+
+def export_folder(run, cfg, out, merge: bool, overwrite: bool) -> None:
+    import shutil
+
+    from .export import check_export, merge_adapter, probe_rows
+
+    adapter = run / "final" / "adapter"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"export: {out} is not empty; pass --overwrite to replace it")
+    if not adapter.is_dir() or (adapter.is_dir() and not merge):
+        src = run / "final" / "model" if not adapter.is_dir() else adapter
+        shutil.copytree(src, out, dirs_exist_ok=True)  # full / freeze: already a model; LoRA: the adapter
+        print(f"copied {src} to {out}" + ("" if not adapter.is_dir() else " (add --merge for a standalone model)"))
+        return
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import load_model
+
+    merged = merge_adapter(cfg.model.name, adapter, "float32", cfg.model.revision)
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)  # the tokenizer the run saved, with its template
+    (out / "README.md").write_text((run / "final" / "model" / "README.md").read_text() if
+                                   (run / "final" / "model" / "README.md").is_file() else "")
+    # Check: the merged folder, loaded back, against base + adapter as training ran it.
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    qlora = cfg.peft.method == "qlora"
+    base, _ = load_model(cfg.model.name, "float32" if not qlora else cfg.model.dtype, cfg.model.revision, qlora)
+    unmerged = PeftModel.from_pretrained(base, str(adapter)).eval()
+    rows = probe_rows(run)
+    if qlora:  # merged into full precision vs the 4-bit model it trained with: report, do not hide
+        from .export import max_logit_difference
+
+        diff = max_logit_difference(unmerged, reloaded, rows)
+        print(f"[sftkit] QLoRA: merged into the full-precision base vs the 4-bit training model: max |logit "
+              f"difference| {diff:.3g} (the 4-bit rounding of the base; not a fault of the export)", file=sys.stderr)
+    else:
+        check_export(unmerged, reloaded, rows, "merge", f"merged model {out}")
+    print(f"merged {adapter} into {cfg.model.name} -> {out} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def export_gguf(run, cfg, path, kind: str, overwrite: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .export import check_export, load_gguf, modelfile, probe_rows, write_gguf
+
+    if path.suffix != ".gguf":
+        raise ConfigError(f"--gguf {path}: the file name must end in .gguf")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--gguf {path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = run / "final" / "model"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    write_gguf(model, tok, path, kind, name=run.name)
+    (path.parent / "Modelfile").write_text(modelfile(path.name, tok, cfg.data.system))
+    reloaded, _ = load_gguf(path)
+    check_export(model, reloaded, probe_rows(run), kind, f"GGUF {path} ({kind})")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {kind}) and {path.parent / 'Modelfile'}")
+    return path
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -455,10 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float, default=1.0)
     ch.set_defaults(fn=cmd_chat)
 
-    x = sub.add_parser("export", help="save a run's model as a Hugging Face directory (--merge: adapter merged in)")
+    x = sub.add_parser("export", help="a run's model as a Hugging Face folder (--merge) or GGUF file, checked by reloading")
     x.add_argument("run", help="run directory")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", help="Hugging Face model folder to write")
     x.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    x.add_argument("--gguf", metavar="OUT.gguf", help="also (or only) write a GGUF file, with an Ollama Modelfile beside it")
+    x.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
+    x.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder with its model card")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=cmd_export)
 
@@ -510,8 +573,12 @@ def main(argv: list[str] | None = None) -> int:
               "by this step", file=sys.stderr)
         return 130
     except RuntimeError as e:
+        from .export import ExportMismatch
         from .trainer import TrainingError
 
+        if isinstance(e, ExportMismatch):
+            print(f"sftkit: export check failed: {e}", file=sys.stderr)
+            return 1
         if not isinstance(e, TrainingError):
             raise
         print(f"sftkit: training stopped: {e}", file=sys.stderr)

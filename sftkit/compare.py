@@ -141,4 +141,8 @@ def compare(base: str, run: str, data: str, metrics: list[str], few_shot: int = 
         r.write(run_dir / "compare" / name)
     plot(results, run_dir / "compare.png")
     (run_dir / "report.md").write_text(report_md(results, data, metrics[0], base, run_dir))
+    if (run_dir / "final").is_dir():  # the model card gains the comparison
+        from .export import write_card
+
+        write_card(run_dir)
     return results, run_dir

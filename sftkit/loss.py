@@ -95,6 +95,12 @@ def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
         ids = input_ids[:1, :16]
         was_training = base.training
         base.eval()
+        # bitsandbytes' 4-bit layers repack their weights into another layout on their first eval-mode
+        # pass without gradients; the probe must leave the model as it found it, so they stay in
+        # training mode (they hold no dropout of their own).
+        for m in base.modules():
+            if type(m).__module__.startswith("bitsandbytes"):
+                m.training = True
         try:
             with torch.no_grad():
                 hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state

@@ -254,6 +254,33 @@ def cap_max_length(cfg: Config, model) -> None:
         cfg.data.max_length = limit
 
 
+def data_summary(data) -> dict:
+    """Rows per source, kept, dropped by reason, truncated and tokens: for summary.json and the model card."""
+    from collections import Counter
+
+    out: dict = {"skipped": dict(data.read_stats.skipped)}
+    for name, stats, rows in (("train", data.train_stats, data.train_rows), ("eval", data.eval_stats, data.eval_rows)):
+        if stats is not None:
+            out[name] = {"sources": dict(Counter(r.source for r in rows)), "rows": stats.rows, "kept": stats.kept,
+                         "dropped": dict(stats.dropped), "truncated": stats.truncated, "tokens": stats.tokens,
+                         "trained_tokens": stats.trained_tokens}
+    return out
+
+
+def write_data_quality(run_dir: Path, data, tok, max_length: int, limit: int = 100_000) -> None:
+    """The data-quality counts of `sftkit data inspect --quality` (duplicates, eval overlap, lint) for the
+    model card; skipped above `limit` training rows, where `data inspect` is the tool to run."""
+    if len(data.train_rows) > limit:
+        return
+    from .data.quality import analyse
+
+    q = analyse(data.train_rows, data.eval_rows, tok, max_length, diversity=False)
+    (run_dir / "data_quality.json").write_text(json.dumps({
+        "rows": q.rows, "exact_duplicates": sum(len(g) - 1 for g in q.exact),
+        "near_duplicates": sum(len(g) - 1 for g in q.near), "contaminated": len(q.contaminated),
+        "lint": {k: len(v) for k, v in q.lint.items() if v}}, indent=1))
+
+
 class BestWeights:
     """The trainable weights of the best eval so far, kept in memory (on the CPU) when early stopping
     is on, so the final model can be the best one even without a checkpoint of that step. Skipped
@@ -335,6 +362,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     for line in data.summary():
         log(line)
     train_ex, eval_ex, eval_rows = data.train, data.eval, data.eval_rows
+    if main_process:
+        write_data_quality(run_dir, data, tok, cfg.data.max_length)
     if not train_ex:
         raise ConfigError(f"{cfg.data.train}: no example has a trained token left; raise data.max_length")
     if cfg.eval.generate and not eval_rows:
@@ -576,8 +605,11 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
                    "base_ref_ppl": state["base_ref_ppl"], "forgetting": result.forgetting,
                    "final_weights": final_weights,
                    "method": cfg.peft.method, "trainable_parameters": trainable, "total_parameters": total,
-                   "train_examples": len(train_ex), "seconds": round(result.seconds, 1)}
+                   "train_examples": len(train_ex), "seconds": round(result.seconds, 1), "data": data_summary(data)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        from .export import write_card
+
+        write_card(run_dir)
     return result
 
 
@@ -594,6 +626,12 @@ def _save_final(model, tok, cfg: Config, run_dir: Path, main_process: bool, shar
         state = checkpoint.gather_state(sharded_module, MODEL_PREFIX, trainable_only=lora)
     if not main_process:
         return model
+    # The tokenizer saved with the model carries the template actually trained (data.template,
+    # data.system), so whatever loads it renders prompts as training did.
+    import copy
+
+    tok = copy.deepcopy(tok)
+    tok.chat_template = renderer_for(cfg.data, tok).trained_template(cfg.data.system)
     if lora:
         model.save_pretrained(final / "adapter", state_dict=state)
         tok.save_pretrained(final / "adapter")

@@ -11,6 +11,7 @@ conversation's tokens; a template for which that fails is reported, never guesse
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -72,6 +73,12 @@ TEMPLATES = {
         "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
     ),
 }
+# data.template=plain as a chat template, for exported tokenizers: contents end to end, each reply
+# closed by eos, system messages left out (what Renderer._text does for plain).
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endif %}{% endfor %}"
+)
 # Tokens that close a turn in common templates; the eos token always does.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 MASKS = ("auto", "completion", "assistant", "last_assistant", "none")
@@ -136,6 +143,17 @@ class Renderer:
                            for m in messages if m["role"] != "system")
         kwargs = {"chat_template": self.chat_template} if self.chat_template else {}
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+
+    def trained_template(self, system: str | None = None) -> str | None:
+        """The chat template this renderer trains with, as one Jinja template for the saved tokenizer:
+        the named or file template (or the tokenizer's own), with `data.system` added to a conversation
+        that has no system message, as the data reader adds it. Inference then renders the same text."""
+        body = PLAIN_TEMPLATE if self.template == "plain" else (self.chat_template or self.tok.chat_template)
+        if body is None or system is None or self.template == "plain":
+            return body
+        literal = json.dumps(system, ensure_ascii=False)
+        return ("{%- if messages|length == 0 or messages[0]['role'] != 'system' %}"
+                "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}{%- endif %}" + body)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Tokens that ask the model for the next assistant reply (used by generation)."""
