@@ -20,10 +20,13 @@ from .config import ConfigError
 from .models import load_model
 
 # Largest absolute difference of next-token logits allowed between the run's model and its
-# export, by weight type. f32 must be the same model; f16 and q8_0 round the weights: their
-# figures were measured on SmolLM2-135M (f16: 0.02, q8_0: 0.15 on logits of magnitude ~20;
-# `python benchmarks/export_check.py`) and are set with room above them.
-EXPORT_TOLERANCE = {"f32": 1e-4, "f16": 0.1, "q8_0": 0.6, "merge": 1e-3}
+# export, by weight type. f32 must be the same model; a merged LoRA only sums in another order.
+# f16 and q8_0 round the weights; measured on SmolLM2-135M after a LoRA run (logits up to ~46,
+# `benchmarks/export_check.py`, docs/benchmarks.md "Export fidelity"): f32 0, merge 3.4e-4,
+# f16 0.074 (top-1 agreement 100%), q8_0 2.25 (top-1 agreement 97.6%, mean KL 0.006). The limits sit
+# about 2-3x above those: they catch a broken export (a wrong permutation or tensor moves logits
+# by tens), not the rounding a type implies.
+EXPORT_TOLERANCE = {"f32": 1e-4, "merge": 1e-3, "f16": 0.25, "q8_0": 5.0}
 GGUF_TYPES = ("f32", "f16", "q8_0")
 GGUF_ARCHITECTURES = ("llama",)  # model_type -> the llama.cpp architecture of the same name
 
@@ -163,22 +166,29 @@ def probe_rows(run: Path, n: int = 4) -> list[list[int]]:
 
 
 @torch.no_grad()
-def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, rows: list[list[int]]) -> float:
-    """Largest absolute difference of the two models' next-token logits over the rows' positions."""
-    worst = 0.0
+def logit_agreement(a: torch.nn.Module, b: torch.nn.Module, rows: list[list[int]]) -> tuple[float, float]:
+    """(largest absolute difference of the two models' next-token logits, share of positions whose
+    most likely next token is the same) over the rows' positions."""
+    worst, same, n = 0.0, 0, 0
     for ids in rows:
         x = torch.tensor([ids])
         la = a(input_ids=x.to(next(a.parameters()).device)).logits.float().cpu()
         lb = b(input_ids=x.to(next(b.parameters()).device)).logits.float().cpu()
         worst = max(worst, float((la - lb).abs().max()))
-    return worst
+        same, n = same + int((la.argmax(-1) == lb.argmax(-1)).sum()), n + len(ids)
+    return worst, same / max(n, 1)
+
+
+def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, rows: list[list[int]]) -> float:
+    return logit_agreement(a, b, rows)[0]
 
 
 def check_export(reference, exported, rows: list[list[int]], kind: str, what: str) -> float:
-    diff = max_logit_difference(reference, exported, rows)
+    diff, top1 = logit_agreement(reference, exported, rows)
     tol = EXPORT_TOLERANCE[kind]
     print(f"[sftkit] {what}: max |logit difference| over {sum(map(len, rows))} positions of {len(rows)} training rows "
-          f"= {diff:.2e} (tolerance for {kind}: {tol:g})", file=sys.stderr, flush=True)
+          f"= {diff:.2e} (tolerance for {kind}: {tol:g}); same most likely token at {top1:.1%} of them",
+          file=sys.stderr, flush=True)
     if not diff <= tol:
         raise ExportMismatch(f"{what}: the export differs from the run's model by {diff:.3g} in the logits, more than "
                              f"the {tol:g} allowed for {kind}; the file was kept for inspection but should not be used")

