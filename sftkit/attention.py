@@ -17,9 +17,8 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from . import compat
 
 NAME = "sftkit_sdpa"
 
@@ -54,8 +53,7 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         **kwargs) -> tuple[torch.Tensor, None]:
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or query.shape[0] != 1 or kwargs.get("past_key_values") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # query: (1, heads, tokens, head_dim); key/value may have fewer heads (grouped-query attention).
     # Sliding-window layers (Mistral, Qwen2, Gemma's local layers) pass their window: an example
     # longer than it must see only the last `window` keys, as the unpacked model does.
@@ -82,9 +80,9 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(NAME, varlen_sdpa_forward)
-# Padded batches still need transformers' SDPA mask under our name.
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+_SDPA = compat.sdpa_attention_forward()
+# Padded batches still get transformers' SDPA mask under our name.
+compat.register_attention(NAME, varlen_sdpa_forward)
 
 
 def flash_attention_available(model: torch.nn.Module) -> bool:
@@ -102,7 +100,7 @@ def use_packed_attention(model: torch.nn.Module) -> str:
 
     Models on eager or another implementation are left alone: they get the block-diagonal mask that
     transformers builds from the restarting position ids, which is also exact, only slower."""
-    current = getattr(model.config, "_attn_implementation", None)
+    current = compat.attention_implementation(model)
     if current not in ("sdpa", NAME):
         return current
     target = "flash_attention_2" if flash_attention_available(model) else NAME
@@ -139,6 +137,6 @@ def packing_problem(model: torch.nn.Module, examples: list) -> str | None:
     if diff <= tol:
         return None
     return (f"data.pack=true: packing is not exact for model type {model.config.model_type!r} "
-            f"(attention {getattr(model.config, '_attn_implementation', '?')}): an example packed after another "
+            f"(attention {compat.attention_implementation(model)}): an example packed after another "
             f"gives other logits than alone (max difference {diff:.2e}), so examples would see each other; "
             "set data.pack=false")

@@ -38,7 +38,9 @@ def gather_state(model: torch.nn.Module, prefix: str = "", trainable_only: bool 
 
 
 def _clean(name: str) -> str:
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
+    from .compat import unwrapped_name
+
+    return unwrapped_name(name)
 
 
 def tied_aliases(model: torch.nn.Module) -> set[str]:

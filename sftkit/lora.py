@@ -46,7 +46,9 @@ class FusedLoraLinear(PeftLoraLinear):
 def use_fused_lora(lora_config) -> None:
     """Have peft build FusedLoraLinear for the plain `nn.Linear` layers it adapts (4-bit and other
     quantized layers keep their own classes)."""
-    lora_config._register_custom_module({torch.nn.Linear: _dispatch})
+    from .compat import register_lora_layer
+
+    register_lora_layer(lora_config, torch.nn.Linear, _dispatch)
 
 
 def _dispatch(target, adapter_name, config, **kwargs):

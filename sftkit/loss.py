@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import compat
 from .data.render import IGNORE
 
 # What a batch passes to the model; packed rows add the examples' boundaries (see sftkit.attention).
@@ -99,7 +100,7 @@ def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
         # pass without gradients; the probe must leave the model as it found it, so they stay in
         # training mode (they hold no dropout of their own).
         for m in base.modules():
-            if type(m).__module__.startswith("bitsandbytes"):
+            if compat.is_bitsandbytes_layer(m):
                 m.training = True
         try:
             with torch.no_grad():

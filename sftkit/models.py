@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .compat import clear_quantization_flags
 from .config import ConfigError, PeftConfig
 
 
@@ -52,16 +53,6 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _clear_gguf_flags(model: PreTrainedModel) -> None:
-    # The weights are de-quantized to real tensors; without this, save_pretrained would record
-    # a GGUF quantization config and later loads would look for the .gguf file.
-    model.is_quantized = False
-    model.quantization_method = None
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def _convert_alias(name: str, alias: Alias, target: Path) -> None:
     pkg = _package_dir(alias.package)
     if pkg is None or not (pkg / alias.file).is_file():
@@ -73,7 +64,7 @@ def _convert_alias(name: str, alias: Alias, target: Path) -> None:
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=alias.file)
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=alias.file, dtype=torch.float32)
-    _clear_gguf_flags(model)
+    clear_quantization_flags(model)  # de-quantized to real tensors: saved as a plain model
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from . import compat
 from .config import Config, ConfigError, load_config, save_config, valid_keys, with_overrides
 
 KINDS = ("loguniform", "uniform", "int", "choice")
@@ -119,8 +120,8 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
 
     # A trial left RUNNING was cut off by a crash or kill: record that, and run its parameters again.
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted (sweep killed); parameters re-queued")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        compat.set_trial_attr(study, t, "reason", "interrupted (sweep killed); parameters re-queued")
+        compat.set_trial_state(study, t, TrialState.FAIL)
         study.enqueue_trial(t.params, skip_if_exists=False)
 
     def finished() -> int:
@@ -179,7 +180,7 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
         if code in (0, None):
             raise
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # optuna leaves it running
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            compat.set_trial_state(study, t, TrialState.FAIL)
         write_results(study, cfg, sweep_dir, metric)
         print(f"[sftkit] sweep stopped by a signal after {finished()} finished trials; run the same command to "
               f"continue it ({sweep_dir})", file=sys.stderr)
