@@ -34,7 +34,7 @@ def main() -> None:
     from sftkit.data.sources import load_rows
     from sftkit.loss import token_loss
     from sftkit.models import apply_method, load_model
-    from sftkit.trainer import forward_tokens
+    from sftkit.tasks.sft import forward_tokens
 
     train = WORK / "train.jsonl"
     if not train.exists():

@@ -12,22 +12,18 @@ config (id2label), so plain `AutoModelForSequenceClassification` loads the resul
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError
 from .data.sources import DataError, read_source
-from .evaluate import classification_report
-from .models import count_parameters, resolve, select_parameters
+from .models import resolve, select_parameters
 
 
 @dataclass
@@ -192,27 +188,19 @@ def encode(tok, rows: list[LabelledText], max_length: int, truncation: str = "tr
 
 # Keys that mean nothing for a classifier: setting one stops the run rather than being ignored.
 UNUSED = ("data.format", "data.pack", "data.mask", "data.template", "data.system", "data.replay", "peft.rslora",
-          "peft.dora", "train.grad_accum", "train.save_every", "train.max_forward_tokens", "train.group_by_length",
-          "train.kl_to_base", "train.checkpointing", "eval.generate", "eval.metric", "eval.compare_base",
-          "eval.max_new_tokens", "eval.limit")
+          "peft.dora", "train.max_forward_tokens", "train.kl_to_base", "train.checkpointing", "eval.generate",
+          "eval.metric", "eval.compare_base", "eval.max_new_tokens", "eval.limit")
 
 
 def check_keys(cfg: Config) -> None:
     """Each key set for a classification run is used as in SFT, or the run stops here, naming it."""
-    import os
-
     from .config import _flatten_all
 
     now, default = _flatten_all(cfg.to_dict()), _flatten_all(Config().to_dict())
     unused = [k for k in UNUSED if now[k] != default[k]]
     if unused:
         raise ConfigError(f"task: classification does not use {', '.join(unused)} (set to "
-                          f"{', '.join(repr(now[k]) for k in unused)}); remove them from the config"
-                          + ("; checkpoints and --resume are not built for classification yet"
-                             if "train.save_every" in unused else ""))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("task: classification runs in one process: --nproc / torchrun would train the same "
-                          "model N times into one directory")
+                          f"{', '.join(repr(now[k]) for k in unused)}); remove them from the config")
 
 
 def collate(ids: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -249,187 +237,13 @@ def class_weights(spec, rows: list[LabelledText], labels: list[str]) -> torch.Te
     raise ConfigError(f"classify.class_weights: expected none, auto or a list of {len(labels)} numbers ({labels})")
 
 
-def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True) -> ClassifyResult:
-    from .models import pick_dtype
-    from .report import MetricsLog
-    from .trainer import (
-        TrainingError,
-        cap_max_length,
-        check_precision,
-        log,
-        lr_lambda,
-        prepare_run_dir,
-        require_loggers,
-    )
+def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True, resume: bool = False):
+    """Train a classifier: the shared loop (sftkit.trainer.train) with task: classification.
+    `cache=False` computes a frozen backbone's features at every step instead of once (tests compare)."""
+    from .trainer import train
 
-    t0 = time.time()
-    if not isinstance(cfg.data.train, str):
-        raise ConfigError("task: classification takes one data.train source")
-    check_keys(cfg)
-    check_precision(cfg)
-    require_loggers(cfg)
-    run_dir = prepare_run_dir(cfg.output_dir, overwrite, resume=False)
-    save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    train_rows, skipped = read_labelled(cfg.data.train, cfg.data.columns, cfg.data.on_error)
-    if cfg.data.eval:
-        eval_rows, more = read_labelled(cfg.data.eval, cfg.data.columns, cfg.data.on_error)
-        skipped += more
-    elif cfg.data.eval_fraction > 0:
-        train_rows, eval_rows = stratified_split(train_rows, cfg.data.eval_fraction, cfg.train.seed)
-    else:
-        eval_rows = []
-    labels = label_names(train_rows)
-    if len(labels) < 2:
-        raise ConfigError(f"{cfg.data.train}: classification needs at least two labels, found {labels}")
-    unknown = sorted({r.label for r in eval_rows} - set(labels))
-    if unknown:
-        raise DataError(f"eval data has labels never seen in training: {unknown}")
-    counts = Counter(r.label for r in train_rows)
-    log(f"{len(train_rows)} training rows, {len(eval_rows)} held out; labels: "
-        + ", ".join(f"{n} ({counts[n]})" for n in labels) + (f"; skipped: {dict(skipped)}" if skipped else ""))
-
-    model, tok, new_keys = load_classifier(cfg.model.name, labels, pick_dtype(cfg.model.dtype), cfg.model.revision)
-    cap_max_length(cfg, model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    method = cfg.peft.method
-    model = select_trainable(model, method, new_keys, cfg.peft.trainable, cfg.peft)
-    trainable, total = count_parameters(model)
-    log(f"method {method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
-    pad = tok.pad_token_id
-    train_rows, train_ids, n_drop = encode(tok, train_rows, cfg.data.max_length, cfg.data.truncation)
-    eval_rows, eval_ids, n_drop_eval = encode(tok, eval_rows, cfg.data.max_length, cfg.data.truncation)
-    if n_drop or n_drop_eval:
-        log(f"dropped {n_drop} training and {n_drop_eval} held-out rows longer than data.max_length="
-            f"{cfg.data.max_length} (data.truncation=drop)")
-    if not train_rows:
-        raise DataError(f"{cfg.data.train}: no training row left (all longer than data.max_length)")
-    y_train = torch.tensor([labels.index(r.label) for r in train_rows], device=device)
-    y_eval = torch.tensor([labels.index(r.label) for r in eval_rows], device=device)
-    weights = class_weights(cfg.classify.class_weights, train_rows, labels)
-    weights = weights.to(device) if weights is not None else None
-
-    use_cache = method == "head" and cache
-    if use_cache:
-        # The frozen backbone gives the same features every epoch: compute them once.
-        train_feats = cache_features(model, train_ids, pad, cfg.eval.batch_size, "features (train)")
-        eval_feats = cache_features(model, eval_ids, pad, cfg.eval.batch_size, "features (eval)") if eval_rows else None
-
-    def logits_for(idx: list[int], ids, feats) -> torch.Tensor:
-        if feats is not None:
-            return head_logits(model, feats[idx])
-        if method == "head":
-            with torch.no_grad():
-                model.base_model.eval()
-                f = features(model, collate([ids[i] for i in idx], pad, device))
-            return head_logits(model, f)
-        return model(**collate([ids[i] for i in idx], pad, device)).logits
-
-    def evaluate() -> tuple[dict, dict]:
-        model.eval()
-        preds, loss = [], 0.0
-        with torch.no_grad():
-            for b in range(0, len(eval_rows), cfg.eval.batch_size):
-                idx = list(range(b, min(b + cfg.eval.batch_size, len(eval_rows))))
-                lg = logits_for(idx, eval_ids, eval_feats if use_cache else None).float()
-                loss += float(F.cross_entropy(lg, y_eval[idx], weight=weights, reduction="sum"))
-                preds += lg.argmax(-1).tolist()
-        model.train()
-        if method == "head":
-            model.base_model.eval()  # the frozen backbone stays without dropout
-        rep = classification_report([labels[p] for p in preds], [r.label for r in eval_rows])
-        return {"eval_loss": loss / len(eval_rows), "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"]}, rep
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    bs = cfg.train.batch_size
-    steps_per_epoch = math.ceil(len(train_rows) / bs)
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
-    warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.train.schedule,
-                                                                        cfg.train.min_lr_ratio))
-    better = (lambda a, b: a > b + cfg.train.min_delta) if cfg.classify.metric == "macro_f1" else \
-        (lambda a, b: a < b - cfg.train.min_delta)
-    if cfg.classify.metric not in ("macro_f1", "eval_loss"):
-        raise ConfigError(f"classify.metric: {cfg.classify.metric!r} is not macro_f1 or eval_loss")
-    best, best_state, bad, bad_steps = None, None, 0, 0
-    metrics = MetricsLog(run_dir, cfg, 0)
-    model.train()
-    if method == "head":
-        model.base_model.eval()  # frozen: no dropout, so features stay what the cache holds
-    step = 0
-    bar = tqdm(total=total_steps, desc="train", file=sys.stderr)
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.train.seed + epoch)).tolist()
-        idx = order[offset * bs : (offset + 1) * bs]
-        lg = logits_for(idx, train_ids, train_feats if use_cache else None).float()
-        loss = F.cross_entropy(lg, y_train[idx], weight=weights)
-        loss.backward()
-        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        record = {"step": step + 1, "loss": float(loss), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-        if math.isfinite(record["loss"]) and math.isfinite(grad_norm):
-            optimizer.step()
-            scheduler.step()
-            bad_steps = 0
-        else:  # as in SFT: a NaN/inf never reaches the weights and is never reported as a number
-            bad_steps += 1
-            record.update(loss=None, grad_norm=None, skipped="non-finite loss or gradient")
-            log(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row, limit "
-                f"train.max_bad_steps={cfg.train.max_bad_steps})")
-        optimizer.zero_grad(set_to_none=True)
-        if bad_steps > cfg.train.max_bad_steps:
-            metrics.write(record)
-            metrics.close()
-            raise TrainingError(f"{bad_steps} consecutive steps with a non-finite loss or gradient (last at step "
-                                f"{step + 1}); lower train.lr, check the data, or keep train.max_grad_norm on")
-        step += 1
-        last = step == total_steps
-        stop = False
-        if eval_rows and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
-            ev, _ = evaluate()
-            record.update(ev)
-            value = ev[cfg.classify.metric]
-            if best is None or better(value, best):
-                best, bad = value, 0
-                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                record["best"] = True
-            else:
-                bad += 1
-                stop = cfg.train.patience > 0 and bad >= cfg.train.patience
-        metrics.write(record)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", "eval_loss", "macro_f1") and v is not None},
-                        refresh=False)
-        bar.update(1)
-        if stop:
-            log(f"early stopping: {cfg.classify.metric} has not improved for {cfg.train.patience} evals")
-            break
-    bar.close()
-    metrics.close()
-    if best_state is not None:  # the final model is the best one by classify.metric
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n])
-    result = ClassifyResult(run_dir=run_dir, steps=step)
-    if eval_rows:
-        result.metrics, result.report = evaluate()
-        majority = max(Counter(r.label for r in eval_rows).values()) / len(eval_rows)
-        result.metrics["majority_baseline_accuracy"] = majority
-        maj_label = Counter(r.label for r in train_rows).most_common(1)[0][0]
-        result.metrics["majority_baseline_macro_f1"] = classification_report(
-            [maj_label] * len(eval_rows), [r.label for r in eval_rows])["macro_f1"]
-        plot_confusion(result.report, run_dir / "confusion.png")
-        (run_dir / "eval.json").write_text(json.dumps({"metrics": result.metrics, "classification": result.report}, indent=1))
-    if method == "lora":
-        model = model.merge_and_unload()
-    model.eval()
-    model.save_pretrained(run_dir / "final" / "model")
-    tok.save_pretrained(run_dir / "final" / "model")
-    result.model, result.seconds = model, time.time() - t0
-    return result
+    cfg.task = "classification"
+    return train(cfg, overwrite=overwrite, resume=resume, options={"cache": cache})
 
 
 def plot_confusion(report: dict, out: Path) -> None:

@@ -44,27 +44,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.task == "classification" and args.nproc > 1:
-        raise ConfigError("task: classification runs in one process: --nproc would train the same model "
-                          f"{args.nproc} times into one directory")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_processes(args, args.argv)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other: pick one")
     if cfg.task == "classification":
-        from .classify import format_report, train_classifier
+        from .classify import format_report
 
-        if args.resume:
-            raise ConfigError("--resume: task: classification writes no checkpoints yet (runs are short); "
-                              "start again with --overwrite")
-        res = train_classifier(cfg, overwrite=args.overwrite)
+        res = train(cfg, overwrite=args.overwrite, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # the summary is rank 0's to print
         print(f"done: {res.steps} steps in {res.seconds:.0f}s")
         if res.report:
             print(format_report(res.metrics, res.report))
         print(f"\nrun directory: {res.run_dir}  (model in {res.run_dir / 'final' / 'model'}, confusion.png)")
         return 0
-    if cfg.task != "sft":
-        raise ConfigError(f"task: {cfg.task!r} is not sft or classification")
-    if args.overwrite and args.resume:
-        raise ConfigError("--overwrite and --resume contradict each other: pick one")
     result = train(cfg, overwrite=args.overwrite, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # the summary is rank 0's to print

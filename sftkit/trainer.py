@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -21,18 +22,10 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .attention import packing_problem, use_packed_attention
 from .config import Config, ConfigError, resume_conflicts, save_config
-from .data import prepare, renderer_for, text_source
-from .data.packing import Batcher, pad_multiple
-from .data.render import IGNORE, Renderer, build_examples
-from .data.sources import Row, load_rows
-from .evaluate import check_references, evaluate_model, loss_metrics
-from .loss import TokenLoss
-from .models import apply_method, count_parameters, load_model
 from .report import MetricsLog, plot_loss
 
-# TokenLoss holds the model as `.model`; checkpoints are keyed by the model's own parameter names.
+# A task's loss module holds the model as `.model`; checkpoints are keyed by the model's own names.
 MODEL_PREFIX = "model."
 
 
@@ -55,6 +48,51 @@ class RunResult:
     stopped: str = "completed"  # completed | early stopping | signal
     forgetting: float | None = None  # relative rise of the reference-text perplexity, last eval
     model: torch.nn.Module | None = None  # the final in-memory model (merged for LoRA)
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's final held-out metrics (classification)
+    report: dict | None = None  # classification: per-class precision/recall/F1 and the confusion matrix
+
+
+@dataclass
+class Run:
+    """Where a run happens: its processes, its directory, and the checkpoint it resumes from."""
+
+    accelerator: Accelerator
+    dir: Path
+    start_ckpt: Path | None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+@dataclass
+class Job:
+    """What a task (sftkit/tasks/) hands the loop; everything else the loop does the same for every task."""
+
+    model: torch.nn.Module  # the model being trained (method applied), unwrapped
+    loss: torch.nn.Module  # forward(**batch) -> (loss sum, units, correct); holds the model as `.model`
+    batcher: Any  # micro_batches(step) -> this process's batches of the step; len() = units per epoch
+    units: Callable[[dict], float]  # what a micro-batch adds to the step's normaliser (trained tokens, rows)
+    evaluate: Callable[[torch.nn.Module, dict], dict] | None  # (scorer, state) -> metrics; None: nothing held out
+    finish: Any  # (model, run, sharded module, result, state) -> summary fields; .after_summary(run_dir)
+    select: str = "eval_loss"  # the metric that picks the best eval (and drives early stopping)
+    maximize: bool = False
+    final_is_best: bool = False  # the final model is the best eval's weights even without early stopping
+    train_mode: Callable[[], None] = lambda: None  # after .train(): put back what must stay in eval mode
+    state: dict = field(default_factory=dict)  # the task's own figures, saved in checkpoints
+    units_name: str = "trained_tokens"  # the units' name in metrics.jsonl
 
 
 # Written into every run directory: --overwrite replaces only a folder that holds this marker (or
@@ -128,27 +166,6 @@ def total_steps_for(cfg: Config, n_examples: int, world: int = 1) -> int:
         return cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     return max(1, math.ceil(cfg.train.epochs * n_examples / per_step))
-
-
-def forward_tokens(cfg: Config) -> int:
-    """Token budget of one forward pass. On CPU, small passes are as fast as big ones (measured:
-    benchmarks/throughput.py) and hold a fraction of the activations; GPUs want big ones."""
-    if cfg.train.max_forward_tokens >= 0:
-        return cfg.train.max_forward_tokens
-    return 16384 if torch.cuda.is_available() else 512
-
-
-def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that enter the loss: those whose label (shifted by one) is trained."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str) -> float:
-    """Generate a reply to each held-out prompt (all turns before the last reply) and score it."""
-    rows = rows[: cfg.eval.limit] if cfg.eval.limit > 0 else rows
-    result = evaluate_model(model, renderer, rows, [cfg.eval.metric], loss=False, max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size, label=label)
-    return result.metrics[cfg.eval.metric]
 
 
 class StopRequest:
@@ -254,54 +271,32 @@ def cap_max_length(cfg: Config, model) -> None:
         cfg.data.max_length = limit
 
 
-def data_summary(data) -> dict:
-    """Rows per source, kept, dropped by reason, truncated and tokens: for summary.json and the model card."""
-    from collections import Counter
-
-    out: dict = {"skipped": dict(data.read_stats.skipped)}
-    for name, stats, rows in (("train", data.train_stats, data.train_rows), ("eval", data.eval_stats, data.eval_rows)):
-        if stats is not None:
-            out[name] = {"sources": dict(Counter(r.source for r in rows)), "rows": stats.rows, "kept": stats.kept,
-                         "dropped": dict(stats.dropped), "truncated": stats.truncated, "tokens": stats.tokens,
-                         "trained_tokens": stats.trained_tokens}
-    return out
-
-
-def write_data_quality(run_dir: Path, data, tok, max_length: int, limit: int = 100_000) -> None:
-    """The data-quality counts of `sftkit data inspect --quality` (duplicates, eval overlap, lint) for the
-    model card; skipped above `limit` training rows, where `data inspect` is the tool to run."""
-    if len(data.train_rows) > limit:
-        return
-    from .data.quality import analyse
-
-    q = analyse(data.train_rows, data.eval_rows, tok, max_length, diversity=False)
-    (run_dir / "data_quality.json").write_text(json.dumps({
-        "rows": q.rows, "exact_duplicates": sum(len(g) - 1 for g in q.exact),
-        "near_duplicates": sum(len(g) - 1 for g in q.near), "contaminated": len(q.contaminated),
-        "lint": {k: len(v) for k, v in q.lint.items() if v}}, indent=1))
-
-
 class BestWeights:
     """The trainable weights of the best eval so far, kept in memory (on the CPU) when early stopping
     is on, so the final model can be the best one even without a checkpoint of that step. Skipped
     when they would take more than a quarter of the free memory; the final model is then the best
     checkpoint if one is on disk, else the last weights, and the log and summary.json say which."""
 
-    def __init__(self, cfg: Config, module: torch.nn.Module):
+    def __init__(self, cfg: Config, module: torch.nn.Module, always: bool = False, sharded: bool = False):
         self.module, self.step, self.weights = module, None, None
         size = checkpoint.size_estimate(module) // 3  # the weights, without AdamW's two moments
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             free = None
-        self.enabled = cfg.train.patience > 0 and (free is None or size <= free // 4)
+        # Sharded weights would have to be gathered onto one rank and spread again: there, the best
+        # checkpoint (or the last weights) is the final model.
+        self.enabled = (cfg.train.patience > 0 or always) and not sharded and (free is None or size <= free // 4)
 
     def keep(self, step: int) -> None:
-        if self.enabled:
-            self.weights = {k: v.clone() for k, v in checkpoint.gather_state(self.module, MODEL_PREFIX).items()}
+        if self.enabled:  # every process holds the weights whole (one process, or DDP): a local copy
+            from .compat import unwrapped_name
+
+            self.weights = {unwrapped_name(n).removeprefix(MODEL_PREFIX): p.detach().clone()
+                            for n, p in self.module.named_parameters() if p.requires_grad}
             self.step = step
 
-    def restore(self, state: dict, run_dir: Path) -> str:
+    def restore(self, state: dict, run_dir: Path, metric: str = "eval loss") -> str:
         """Load the best weights into the model; returns what the final model is, for the log and summary."""
         step = state["best_step"]
         ckpt = next((p for p in checkpoint.complete_checkpoints(run_dir) if p.name == f"step-{step:07d}"), None)
@@ -316,19 +311,67 @@ class BestWeights:
                 "kept in memory nor in a checkpoint")
             return f"last (step {state['step']}); best step {step} not kept"
         checkpoint.load_trainable(self.module, weights, where, MODEL_PREFIX)
-        log(f"final model = the best weights, step {step} (eval loss {state['best_eval']:.4f}, {where})")
+        log(f"final model = the best weights, step {step} ({metric} {state['best_eval']:.4f}, {where})")
         return f"best (step {step})"
 
 
+
+
+# -- the run -----------------------------------------------------------------------------------------
 def train(cfg: Config, overwrite: bool = False, resume: bool = False,
-          on_eval: Callable[[int, dict], None] | None = None) -> RunResult:
-    """Run one training job. `on_eval(step, record)` is called after each eval (a sweep prunes there)."""
+          on_eval: Callable[[int, dict], None] | None = None, options: dict | None = None) -> RunResult:
+    """Run one training job of any task. `on_eval(step, record)` is called after each eval (a sweep
+    prunes there); `options` go to the task's prepare (e.g. classification's feature cache)."""
+    from .tasks import TASKS
+
     t_start = time.time()
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task: {cfg.task!r} is not {' or '.join(TASKS)}")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
     check_precision(cfg)
     require_loggers(cfg)
-    # Processes: one, or several under torchrun / accelerate launch (gloo on CPU). The timeout is a
+    task = TASKS[cfg.task]
+    if hasattr(task, "check"):  # the task's own config checks, before anything is written
+        task.check(cfg)
+    run = start_run(cfg, overwrite, resume)
+    job = task.prepare(cfg, run, **(options or {}))
+    _check_disk(run.dir, job.model, cfg)
+    engine = Engine(cfg, run, job)
+    result = RunResult(run_dir=run.dir, steps=engine.state["step"], final_loss=float("nan"))
+    engine.loop(result, on_eval)
+
+    final_weights = f"last (step {engine.state['step']})"
+    early = result.stopped == "early stopping" or job.final_is_best
+    if early and engine.state["best_step"] not in (None, engine.state["step"]):
+        final_weights = engine.best.restore(engine.state, run.dir, job.select)
+    try:
+        summary = job.finish(job.model, run, engine.step_module if engine.sharded else None, result, job.state)
+    except Exception as e:
+        why = checkpoint.write_failure(e, run.dir)
+        if why is None:
+            raise
+        last = checkpoint.complete_checkpoints(run.dir)
+        raise TrainingError(f"could not write the final model in {run.dir / 'final'}: {why}; "
+                            + (f"free space and run again with --resume (from {last[-1].name})" if last
+                               else "free space and run again")) from None
+    run.accelerator.wait_for_everyone()
+    result.seconds = time.time() - t_start
+    if run.main:
+        plot_loss(run.dir)
+        state = engine.state
+        summary = {"task": cfg.task, "steps": result.steps, "stopped": result.stopped, "final_loss": result.final_loss,
+                   "eval_loss": result.eval_loss, "best_eval": state["best_eval"], "best_step": state["best_step"],
+                   "best_eval_loss": state["best_eval"] if job.select == "eval_loss" else None,
+                   "final_weights": final_weights, **summary, "seconds": round(result.seconds, 1)}
+        (run.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        job.finish.after_summary(run.dir)
+    return result
+
+
+def start_run(cfg: Config, overwrite: bool, resume: bool) -> Run:
+    """Processes, run directory, the checkpoint to resume from (checked against the config), seeds."""
+    # One process, or several under torchrun / accelerate launch (gloo on CPU). The timeout is a
     # backstop; a rank that dies closes its sockets and the others fail at once.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=600))])
@@ -336,315 +379,219 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         raise ConfigError("DeepSpeed is not supported by sftkit's trainer yet: its checkpoints gather weights and "
                           "optimizer state through torch.distributed.checkpoint, which cannot read DeepSpeed's ZeRO "
                           "optimizer. Shard with configs/accelerate/fsdp.yaml instead, or replicate with ddp.yaml")
-    main_process = accelerator.is_main_process
-    world = accelerator.num_processes
-    if main_process:
+    if accelerator.is_main_process:
         prepare_run_dir(cfg.output_dir, overwrite, resume)
     accelerator.wait_for_everyone()
     run_dir = Path(cfg.output_dir)
     start_ckpt = None
     if resume:
         start_ckpt = resumable_checkpoint(run_dir)
-        conflicts = resume_conflicts(checkpoint.read_meta(start_ckpt)["config"], cfg)
+        meta = checkpoint.read_meta(start_ckpt)
+        conflicts = resume_conflicts(meta["config"], cfg)
         if conflicts:
             raise ConfigError(f"--resume: the config changed in a way that would change the run: {', '.join(conflicts)} "
                               f"differ from {start_ckpt}; restore them, or start a new run in another output_dir")
-    if main_process:
+        if meta.get("world", 1) != accelerator.num_processes:
+            raise ConfigError(f"--resume: {start_ckpt} was written by {meta.get('world', 1)} process(es), this run has "
+                              f"{accelerator.num_processes}; resume with --nproc {meta.get('world', 1)} (the split of "
+                              "each step's batch depends on it)")
+    if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed)
+    return Run(accelerator, run_dir, start_ckpt)
 
-    # Model and data.
-    log(f"loading model {cfg.model.name}")
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.peft.method == "qlora")
-    cap_max_length(cfg, model)
-    renderer = renderer_for(cfg.data, tok)
-    data = prepare(cfg.data, cfg.train.seed, renderer)
-    for line in data.summary():
-        log(line)
-    train_ex, eval_ex, eval_rows = data.train, data.eval, data.eval_rows
-    if main_process:
-        write_data_quality(run_dir, data, tok, cfg.data.max_length)
-    if not train_ex:
-        raise ConfigError(f"{cfg.data.train}: no example has a trained token left; raise data.max_length")
-    if cfg.eval.generate and not eval_rows:
-        raise ConfigError("eval.generate=true needs held-out rows: set data.eval or data.eval_fraction")
-    if cfg.eval.generate:
-        check_references(eval_rows)
 
-    result = RunResult(run_dir=run_dir, steps=0, final_loss=float("nan"))
-    device = accelerator.device
-    if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
-        model.to(device)
-    if cfg.data.pack:
-        log(f"packed rows: attention {use_packed_attention(model)}")
-        problem = packing_problem(model, train_ex)
-        if problem:
-            raise ConfigError(problem)
-    if cfg.eval.generate and cfg.eval.compare_base and start_ckpt is None and main_process:
-        result.scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
-        log(f"base model {cfg.eval.metric} on the held-out rows: {result.scores['base']:.3f}")
+class Engine:
+    """Optimizer, schedule and the wrapped loss module of one run, and the loop that drives them."""
 
-    # Forgetting: perplexity on general text, for the base model now and the tuned model at each eval.
-    ref_ex: list = []
-    if cfg.eval.reference:
-        ref_ex, _ = build_examples(load_rows(text_source(cfg.eval.reference), "text"), renderer)
-    base_ref_ppl = None
-    saved_state = checkpoint.read_meta(start_ckpt)["state"] if start_ckpt is not None else {}
-    saved_reference = checkpoint.read_meta(start_ckpt)["config"]["eval"].get("reference") if start_ckpt else None
-    if ref_ex and (start_ckpt is None or saved_state.get("base_ref_ppl") is None or saved_reference != cfg.eval.reference):
-        # On --resume too when the reference text was off or another one: the model is still the
-        # base here (the checkpoint is loaded later), so its figure is the base's.
-        base_ref_ppl = loss_metrics(model, ref_ex, cfg.train.batch_size, tok.pad_token_id)["perplexity"]
-        log(f"base model perplexity on the reference text ({cfg.eval.reference}): {base_ref_ppl:.3f}")
-    frozen = None
-    if cfg.train.kl_to_base > 0 and cfg.peft.method in ("full", "freeze"):
-        import copy
+    def __init__(self, cfg: Config, run: Run, job: Job):
+        self.cfg, self.run, self.job = cfg, run, job
+        params = [p for p in job.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.total_steps = total_steps_for(cfg, len(job.batcher), run.world)
+        warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.total_steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio))
+        # DDP hooks `forward`: the module it wraps computes the loss, so the whole step goes through it.
+        self.step_module, self.optimizer = run.accelerator.prepare(job.loss, optimizer)
+        # FSDP replaces each parameter by a sharded one: clip the gradients of those, not of the originals.
+        self.params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.sharded = run.accelerator.distributed_type == DistributedType.FSDP
+        # FSDP: only the wrapped module's forward gathers the weights, so scoring goes through it.
+        self.scorer = self.step_module if self.sharded else job.model
+        self.set_train_mode()
+        self.state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "bad_steps": 0}
+        if run.start_ckpt is not None:
+            meta = checkpoint.load(run.start_ckpt, self.step_module, self.optimizer, self.scheduler, run.rank,
+                                   MODEL_PREFIX)
+            self.state.update({k: meta["state"][k] for k in self.state if k in meta["state"]})
+            saved = meta.get("task_state", meta["state"])  # runs before task_state kept it with the loop's
+            job.state.update({k: saved.get(k) for k in job.state if job.state[k] is None and k in saved})
+            log(f"resuming from {run.start_ckpt} at step {self.state['step']}")
+        self.best = BestWeights(cfg, self.step_module, always=job.final_is_best, sharded=self.sharded)
+        self.metrics = MetricsLog(run.dir, cfg, self.state["step"], run.main)
+        bs, ga, world = cfg.train.batch_size, cfg.train.grad_accum, run.world
+        engine = "FSDP" if self.sharded else "DDP"
+        log(f"{self.total_steps} optimizer steps of {bs} x {ga} samples"
+            + (f" x {world} process{'es' if world > 1 else ''} ({engine})" if world > 1 or self.sharded else "")
+            + f"; run directory {run.dir}")
 
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)  # the base, for the KL term
+    def set_train_mode(self) -> None:
+        self.step_module.train()
+        self.job.train_mode()
 
-    # Method and optimiser. Seeding right before wrapping makes the LoRA init reproducible.
-    torch.manual_seed(cfg.train.seed)
-    model = apply_method(model, cfg.peft)
-    if cfg.train.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    trainable, total = count_parameters(model)
-    log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
-    _check_disk(run_dir, model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
-                      cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length,
-                      rank=accelerator.process_index, world=accelerator.num_processes,
-                      max_forward_tokens=forward_tokens(cfg), pad_multiple=pad_multiple())
-    if cfg.data.pack:
-        log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
-            f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
-    total_steps = total_steps_for(cfg, len(batcher), accelerator.num_processes)
-    warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio))
-    # DDP hooks `forward`: the module it wraps computes the loss, so the whole step goes through it.
-    step_module, optimizer = accelerator.prepare(TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen),
-                                                 optimizer)
-    # FSDP replaces each parameter by a sharded one: clip the gradients of those, not of the originals.
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    step_module.train()
+    def loop(self, result: RunResult, on_eval) -> None:
+        """Steps until the last, an eval where due, a checkpoint where due; stops early, or on a signal."""
+        cfg, state = self.cfg, self.state
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc="train", file=sys.stderr, dynamic_ncols=True)
+        t_loop, seen_tokens = time.time(), 0
+        with StopRequest() as stop:
+            while state["step"] < self.total_steps:
+                t0 = time.time()
+                record, n_tokens = self.optimizer_step()
+                seen_tokens += n_tokens
+                record.update(tokens=n_tokens, step_seconds=round(time.time() - t0, 4))
+                last = state["step"] == self.total_steps
+                improved = self.evaluate(record, result, last)
+                self.metrics.write(record)
+                if on_eval is not None and any(k in record for k in ("eval_loss", self.job.select)):
+                    on_eval(state["step"], record)
+                stop_now = self.agree(stop.signal is not None)
+                periodic = cfg.train.save_every and state["step"] % cfg.train.save_every == 0
+                if cfg.train.save_every and not last and (periodic or stop_now or (improved and cfg.train.keep)):
+                    self.save_checkpoint()
+                bar.set_postfix(self.postfix(record, seen_tokens / (time.time() - t_loop)), refresh=False)
+                bar.update(1)
+                result.steps = state["step"]
+                result.final_loss = record["loss"] if record["loss"] is not None else float("nan")
+                if stop_now and not last:
+                    bar.close()
+                    self.metrics.close()
+                    self.stop_for_signal(stop.signal, result)
+                if cfg.train.patience > 0 and state["bad_evals"] >= cfg.train.patience:
+                    log(f"early stopping: {self.job.select} has not improved by {cfg.train.min_delta} for "
+                        f"{cfg.train.patience} evals; best {state['best_eval']:.4f} at step {state['best_step']}")
+                    result.stopped = "early stopping"
+                    break
+        bar.close()
+        self.metrics.close()
 
-    # Where the run stands: restored from the checkpoint on --resume.
-    state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "bad_steps": 0, "base_ref_ppl": base_ref_ppl}
-    if start_ckpt is not None:
-        saved_world = checkpoint.read_meta(start_ckpt).get("world", 1)
-        if saved_world != world:
-            raise ConfigError(f"--resume: {start_ckpt} was written by {saved_world} process(es), this run has {world}; "
-                              f"resume with --nproc {saved_world} (the split of each step's batch depends on it)")
-        meta = checkpoint.load(start_ckpt, step_module, optimizer, scheduler, accelerator.process_index, MODEL_PREFIX)
-        state.update(meta["state"])
-        if base_ref_ppl is not None:  # computed above for this run's reference text
-            state["base_ref_ppl"] = base_ref_ppl
-        log(f"resuming from {start_ckpt} at step {state['step']}")
-    metrics = MetricsLog(run_dir, cfg, state["step"], main_process)
-
-    pad_id = tok.pad_token_id
-    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    scorer = step_module if sharded else model  # FSDP: only the wrapped module's forward gathers the weights
-    engine = "FSDP" if sharded else "DDP"
-    log(f"{total_steps} optimizer steps of {bs} x {ga} samples"
-        + (f" x {world} process{'es' if world > 1 else ''} ({engine})" if world > 1 or sharded else "")
-        + f"; run directory {run_dir}")
-
-    def save_checkpoint() -> None:
+    def optimizer_step(self) -> tuple[dict, int]:
+        """One optimizer step over this process's micro-batches; the loss is normalised by the units of
+        the whole step on every process, so a token (or row) weighs the same wherever it lands."""
+        acc, state, world, device = self.run.accelerator, self.state, self.run.world, self.run.device
+        step = state["step"]
+        micro = self.job.batcher.micro_batches(step)
+        local = sum(self.job.units(mb) for mb in micro)
+        step_units = float(acc.reduce(torch.tensor(float(local), dtype=torch.float64, device=device), "sum"))
+        step_units = int(step_units) if step_units.is_integer() else step_units
+        loss_sum = 0.0
         try:
-            checkpoint.save(run_dir, state["step"], step_module, optimizer, scheduler,
-                            {"config": cfg.to_dict(), "state": dict(state), "world": world},
-                            accelerator.process_index, accelerator.wait_for_everyone, MODEL_PREFIX)
+            for k, mb in enumerate(micro):
+                # Gradients are exchanged once per step, after the last pass.
+                sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.step_module)
+                with sync:
+                    loss_k, _, _ = self.step_module(**{key: v.to(device) if torch.is_tensor(v) else v
+                                                       for key, v in mb.items()})
+                    # DDP averages gradients over ranks; multiplying by the world size makes it a sum.
+                    acc.backward(loss_k * world / step_units)
+                loss_sum += float(loss_k.detach())
+        except torch.OutOfMemoryError:
+            raise TrainingError(_oom_advice(self.cfg)) from None
+        except RuntimeError as e:
+            if "out of memory" in str(e) or "can't allocate memory" in str(e):
+                raise TrainingError(_oom_advice(self.cfg)) from None
+            raise
+        loss = float(acc.reduce(torch.tensor(loss_sum, device=device), "sum")) / step_units
+        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
+        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+        record = {"step": step + 1, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  self.job.units_name: step_units}
+        self.apply_update(record)
+        return record, sum(int(mb["real_tokens"]) for mb in micro)
+
+    def apply_update(self, record: dict) -> None:
+        """The update, unless the loss or gradient is not finite: then it is skipped and counted."""
+        state, cfg = self.state, self.cfg
+        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            self.optimizer.step()
+            self.scheduler.step()
+            state["bad_steps"] = 0
+        else:  # never let a NaN/inf reach the weights, and never report it as a number
+            state["bad_steps"] += 1
+            record.update(loss=None, grad_norm=None, skipped="non-finite loss or gradient")
+            log(f"step {record['step']}: non-finite loss or gradient, update skipped "
+                f"({state['bad_steps']} in a row, limit train.max_bad_steps={cfg.train.max_bad_steps})")
+        self.optimizer.zero_grad(set_to_none=True)
+        state["step"] = record["step"]
+        if state["bad_steps"] > cfg.train.max_bad_steps:
+            self.metrics.write(record)
+            raise TrainingError(f"{state['bad_steps']} consecutive steps with a non-finite loss or gradient "
+                                f"(last at step {record['step']}); lower train.lr, check the data, or keep "
+                                "train.max_grad_norm on")
+
+    def evaluate(self, record: dict, result: RunResult, last: bool) -> bool:
+        """The task's held-out metrics where due; returns whether the selection metric improved."""
+        cfg, state, job = self.cfg, self.state, self.job
+        due = (cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last
+        if job.evaluate is None or not due:
+            return False
+        record.update(job.evaluate(self.scorer, job.state))
+        self.set_train_mode()
+        if "forgetting" in record:
+            result.forgetting = record["forgetting"]
+        if "eval_loss" in record:
+            result.eval_loss = record["eval_loss"]
+        value = record.get(job.select)
+        if value is None:
+            return False
+        best = state["best_eval"]
+        better = best is None or (value > best + cfg.train.min_delta if job.maximize else value < best - cfg.train.min_delta)
+        if better:
+            state.update(best_eval=value, best_step=state["step"], bad_evals=0)
+            self.best.keep(state["step"])
+            record["best"] = True
+        else:
+            state["bad_evals"] += 1
+        return better
+
+    def agree(self, local: bool) -> bool:
+        """Whether any process was asked to stop. Every rank must stop after the same step, and they must
+        agree before the save, whose gathers are collective: a rank that saw the signal alone would enter
+        them while its peer waited in the next step's reduce."""
+        if self.run.world == 1:
+            return local
+        flag = torch.tensor(int(local), device=self.run.device)
+        return int(self.run.accelerator.reduce(flag, "sum")) > 0
+
+    def save_checkpoint(self) -> None:
+        run, state = self.run, self.state
+        try:
+            checkpoint.save(run.dir, state["step"], self.step_module, self.optimizer, self.scheduler,
+                            {"config": self.cfg.to_dict(), "state": dict(state), "task_state": dict(self.job.state),
+                             "world": run.world}, run.rank, run.accelerator.wait_for_everyone, MODEL_PREFIX)
         except OSError as e:
-            last = checkpoint.complete_checkpoints(run_dir)
-            raise TrainingError(f"could not write a checkpoint in {run_dir}: {e.strerror or e}; "
+            last = checkpoint.complete_checkpoints(run.dir)
+            raise TrainingError(f"could not write a checkpoint in {run.dir}: {e.strerror or e}; "
                                 + (f"the last complete checkpoint {last[-1]} is intact; free space and run again "
                                    "with --resume" if last else "no complete checkpoint yet; free space and run again")
                                 ) from None
-        if main_process:  # one process deletes; two would race on the same directories
-            checkpoint.prune(run_dir, cfg.train.keep, state["best_step"])
+        if run.main:  # one process deletes; two would race on the same directories
+            checkpoint.prune(run.dir, self.cfg.train.keep, state["best_step"])
 
-    best = BestWeights(cfg, step_module)
+    def stop_for_signal(self, signum: int | None, result: RunResult) -> None:
+        step = self.state["step"]
+        where = f"a checkpoint at step {step}" if self.cfg.train.save_every else "no checkpoint (train.save_every=0)"
+        name = signal.Signals(signum).name if signum else "a signal to another process"
+        log(f"stopped by {name} after step {step}, wrote {where}; "
+            f"continue with: sftkit train CONFIG --resume (output_dir={self.run.dir})")
+        result.stopped = "signal"
+        raise SystemExit(128 + (signum or signal.SIGTERM))
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", file=sys.stderr, dynamic_ncols=True)
-    t_loop, seen_tokens = time.time(), 0
-    with StopRequest() as stop:
-        while state["step"] < total_steps:
-            step = state["step"]
-            t0 = time.time()
-            micro = batcher.micro_batches(step)
-            # Normalise by the trained tokens of the whole optimizer step on every process, so a
-            # token weighs the same whatever micro-batch or rank it lands in.
-            local_tokens = sum(trained_tokens(mb) for mb in micro)
-            step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=device), "sum"))
-            loss_sum = 0.0
-            try:
-                for k, mb in enumerate(micro):
-                    # Gradients are exchanged once per step, after the last pass.
-                    sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(step_module)
-                    with sync:
-                        loss_k, _, _ = step_module(**{key: v.to(device) if torch.is_tensor(v) else v for key, v in mb.items()})
-                        # DDP averages gradients over ranks; multiplying by the world size makes it a sum.
-                        accelerator.backward(loss_k * world / step_tokens)
-                    loss_sum += float(loss_k.detach())
-            except torch.OutOfMemoryError:
-                raise TrainingError(_oom_advice(cfg)) from None
-            except RuntimeError as e:
-                if "out of memory" in str(e) or "can't allocate memory" in str(e):
-                    raise TrainingError(_oom_advice(cfg)) from None
-                raise
-            loss = float(accelerator.reduce(torch.tensor(loss_sum, device=device), "sum")) / step_tokens
-            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-            lr = scheduler.get_last_lr()[0]
-            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": step_tokens}
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
-                scheduler.step()
-                state["bad_steps"] = 0
-            else:
-                # Never let a NaN/inf reach the weights, and never report it as a number.
-                state["bad_steps"] += 1
-                record.update(loss=None, grad_norm=None, skipped="non-finite loss or gradient")
-                log(f"step {step + 1}: non-finite loss or gradient, update skipped "
-                    f"({state['bad_steps']} in a row, limit train.max_bad_steps={cfg.train.max_bad_steps})")
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step + 1
-            if state["bad_steps"] > cfg.train.max_bad_steps:
-                metrics.write(record)
-                raise TrainingError(f"{state['bad_steps']} consecutive steps with a non-finite loss or gradient "
-                                    f"(last at step {step + 1}); lower train.lr, check the data, or keep "
-                                    "train.max_grad_norm on")
-
-            n_tokens = sum(int(mb["real_tokens"]) for mb in micro)
-            seen_tokens += n_tokens
-            record.update(tokens=n_tokens, step_seconds=round(time.time() - t0, 4))
-            last = state["step"] == total_steps
-            improved = False
-            if (eval_ex or ref_ex) and ((cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last):
-                if ref_ex:
-                    record["ref_ppl"] = loss_metrics(scorer, ref_ex, bs, pad_id)["perplexity"]
-                    if state["base_ref_ppl"]:
-                        record["forgetting"] = record["ref_ppl"] / state["base_ref_ppl"] - 1
-                        result.forgetting = record["forgetting"]
-            if eval_ex and ((cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0) or last):
-                ev = loss_metrics(scorer, eval_ex, bs, pad_id)
-                record.update(eval_loss=ev["eval_loss"], eval_ppl=ev["perplexity"], eval_accuracy=ev["token_accuracy"])
-                result.eval_loss = record["eval_loss"]
-                if state["best_eval"] is None or record["eval_loss"] < state["best_eval"] - cfg.train.min_delta:
-                    state.update(best_eval=record["eval_loss"], best_step=state["step"], bad_evals=0)
-                    best.keep(state["step"])
-                    improved = True
-                else:
-                    state["bad_evals"] += 1
-            metrics.write(record)
-            if on_eval is not None and "eval_loss" in record:
-                on_eval(state["step"], record)
-            early = cfg.train.patience > 0 and state["bad_evals"] >= cfg.train.patience
-            # Every rank must stop after the same step, or one would wait for the others forever; and
-            # they must agree before the save, whose gathers are collective: a rank that saw the signal
-            # alone would enter them while its peer waited in the next step's reduce.
-            stop_now = stop.signal is not None
-            if world > 1:
-                stop_now = int(accelerator.reduce(torch.tensor(int(stop_now), device=device), "sum")) > 0
-            periodic = cfg.train.save_every and state["step"] % cfg.train.save_every == 0
-            if cfg.train.save_every and not last and (periodic or stop_now or (improved and cfg.train.keep)):
-                save_checkpoint()
-            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{seen_tokens / (time.time() - t_loop):.0f}"}
-            if "eval_loss" in record:
-                postfix["eval"] = f"{record['eval_loss']:.4f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            result.steps, result.final_loss = state["step"], loss
-            if stop_now and not last:
-                bar.close()
-                metrics.close()
-                where = f"a checkpoint at step {state['step']}" if cfg.train.save_every else "no checkpoint (train.save_every=0)"
-                name = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
-                log(f"stopped by {name} after step {state['step']}, wrote {where}; "
-                    f"continue with: sftkit train CONFIG --resume (output_dir={run_dir})")
-                result.stopped = "signal"
-                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
-            if early:
-                log(f"early stopping: eval loss has not improved by {cfg.train.min_delta} for "
-                    f"{cfg.train.patience} evals; best {state['best_eval']:.4f} at step {state['best_step']}")
-                result.stopped = "early stopping"
-                break
-    bar.close()
-    metrics.close()
-
-    final_weights = f"last (step {state['step']})"
-    if result.stopped == "early stopping" and state["best_step"] not in (None, state["step"]):
-        final_weights = best.restore(state, run_dir)
-
-    try:
-        model = _save_final(model, tok, cfg, run_dir, main_process, step_module if sharded else None)
-    except Exception as e:
-        why = checkpoint.write_failure(e, run_dir)
-        if why is None:
-            raise
-        last = checkpoint.complete_checkpoints(run_dir)
-        raise TrainingError(f"could not write the final model in {run_dir / 'final'}: {why}; "
-                            + (f"free space and run again with --resume (from {last[-1].name})" if last
-                               else "free space and run again")) from None
-    accelerator.wait_for_everyone()
-    if cfg.eval.generate and main_process:
-        result.scores["tuned"] = generation_scores(model, renderer, eval_rows, cfg, "tuned model")
-        log(f"tuned model {cfg.eval.metric} on the held-out rows: {result.scores['tuned']:.3f}")
-    result.seconds = time.time() - t_start
-    result.model = model
-    if main_process:
-        plot_loss(run_dir)
-        summary = {"steps": result.steps, "stopped": result.stopped, "final_loss": result.final_loss,
-                   "eval_loss": result.eval_loss, "best_eval_loss": state["best_eval"], "best_step": state["best_step"],
-                   "metric": cfg.eval.metric if cfg.eval.generate else None, "scores": result.scores,
-                   "base_ref_ppl": state["base_ref_ppl"], "forgetting": result.forgetting,
-                   "final_weights": final_weights,
-                   "method": cfg.peft.method, "trainable_parameters": trainable, "total_parameters": total,
-                   "train_examples": len(train_ex), "seconds": round(result.seconds, 1), "data": data_summary(data)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        from .export import write_card
-
-        write_card(run_dir)
-    return result
-
-
-def _save_final(model, tok, cfg: Config, run_dir: Path, main_process: bool, sharded_module=None):
-    """The adapter as peft saves it (LoRA), and a merged model plain transformers loads.
-
-    With the weights sharded over processes (FSDP, `sharded_module` the wrapped loss module), every
-    process takes part in gathering them whole onto rank 0, which writes them; the LoRA merge then
-    starts from a fresh copy of the base model, as for QLoRA."""
-    final = run_dir / "final"
-    lora = cfg.peft.method in ("lora", "qlora")
-    state = None
-    if sharded_module is not None:
-        state = checkpoint.gather_state(sharded_module, MODEL_PREFIX, trainable_only=lora)
-    if not main_process:
-        return model
-    # The tokenizer saved with the model carries the template actually trained (data.template,
-    # data.system), so whatever loads it renders prompts as training did.
-    import copy
-
-    tok = copy.deepcopy(tok)
-    tok.chat_template = renderer_for(cfg.data, tok).trained_template(cfg.data.system)
-    if lora:
-        model.save_pretrained(final / "adapter", state_dict=state)
-        tok.save_pretrained(final / "adapter")
-        if cfg.peft.method == "qlora" or state is not None:
-            # QLoRA: merging into 4-bit weights would round the update away; FSDP: the weights in
-            # memory are shards. Either way, merge into a fresh full-precision copy of the base.
-            from .export import merge_adapter
-
-            model = merge_adapter(cfg.model.name, final / "adapter", cfg.model.dtype, cfg.model.revision)
-        else:
-            model = model.merge_and_unload()
-        state = None
-    model.save_pretrained(final / "model", state_dict=state)
-    tok.save_pretrained(final / "model")
-    log(f"saved {final / 'model'}" + (f" and {final / 'adapter'}" if (final / "adapter").exists() else ""))
-    return model
+    def postfix(self, record: dict, tokens_per_s: float) -> dict:
+        out = {"loss": f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
+               "lr": f"{record['lr']:.2e}", "tok/s": f"{tokens_per_s:.0f}"}
+        for key, name in (("eval_loss", "eval"), ("macro_f1", "macro_f1")):
+            if key in record:
+                out[name] = f"{record[key]:.4f}"
+        return out

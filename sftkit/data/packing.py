@@ -106,8 +106,9 @@ class Batcher:
 
     def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int,
                  pack: bool = False, max_length: int = 0, group_by_length: bool = True, rank: int = 0, world: int = 1,
-                 max_forward_tokens: int = 0, pad_multiple: int = 1):
+                 max_forward_tokens: int = 0, pad_multiple: int = 1, collate=None):
         self.pad_multiple = pad_multiple  # padded widths rounded up to this (fewer shapes for GPU kernels)
+        self.collate = collate  # bins of examples -> a batch; default: packed or padded token rows
         self.examples, self.bs, self.ga, self.seed, self.pad_id, self.pack = examples, batch_size, grad_accum, seed, pad_id, pack
         self.rank, self.world = rank, world
         self.max_forward_tokens = max_forward_tokens
@@ -151,7 +152,11 @@ class Batcher:
         for k in range(self.ga):
             for part in self._split(units[k * self.bs : (k + 1) * self.bs]):
                 rows = [[self.examples[i] for i in self.units[u]] for u in part]
-                out.append(pack_collate(rows, self.pad_id) if self.pack else pad_collate([r[0] for r in rows], self.pad_id, self.pad_multiple))
+                if self.collate is not None:
+                    out.append(self.collate(rows))
+                else:
+                    out.append(pack_collate(rows, self.pad_id) if self.pack
+                               else pad_collate([r[0] for r in rows], self.pad_id, self.pad_multiple))
         return out
 
     def _split(self, units: list[int]) -> list[list[int]]:

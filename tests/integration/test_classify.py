@@ -121,21 +121,55 @@ def test_texts_longer_than_the_encoder_limit_follow_data_truncation(tmp_path, ti
         train_classifier(c2)
 
 
-@pytest.mark.parametrize("key,value", [("train.grad_accum", 2), ("train.save_every", 5), ("data.pack", True),
-                                       ("train.kl_to_base", 0.1), ("eval.generate", True)])
+@pytest.mark.parametrize("key,value", [("data.pack", True), ("train.kl_to_base", 0.1), ("eval.generate", True),
+                                       ("train.checkpointing", True)])
 def test_keys_classification_does_not_use_stop_the_run(tmp_path, tiny_bert_dir, key, value):
     with pytest.raises(ConfigError, match=f"task: classification does not use {key}"):
         train_classifier(cfg(tmp_path, tiny_bert_dir, "k", **{key: value}))
     assert not (tmp_path / "k").exists()  # stopped before any work
 
 
-def test_nproc_and_resume_are_refused_for_classification(tmp_path, tiny_bert_dir, capsys):
+def _losses(run_dir):
+    return [json.loads(x)["loss"] for x in open(run_dir / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("method", ["head", "lora"])
+def test_classifier_checkpoints_and_resumes_bitwise(tmp_path, tiny_bert_dir, method):
+    """The shared loop gives classification checkpoints, --resume and gradient accumulation."""
+    over = {"peft.method": method, "train.grad_accum": 2, "train.batch_size": 4, "train.save_every": 2,
+            "train.schedule": "constant", "classify.class_weights": "auto"}
+    ref = train_classifier(cfg(tmp_path, tiny_bert_dir, "ref", **over, **{"train.max_steps": 8}))
+    train_classifier(cfg(tmp_path, tiny_bert_dir, "cut", **over, **{"train.max_steps": 5}))  # "killed" after step 5
+    resumed = train_classifier(cfg(tmp_path, tiny_bert_dir, "cut", **over, **{"train.max_steps": 8}), resume=True)
+    assert _losses(resumed.run_dir) == _losses(ref.run_dir)  # step for step, bitwise
+    a, b = dict(ref.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert resumed.metrics["macro_f1"] == ref.metrics["macro_f1"]
+
+
+def test_two_processes_train_the_classifier_of_one(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
     c = tmp_path / "c.yaml"
-    c.write_text(f"task: classification\nmodel:\n  name: {tiny_bert_dir}\ndata:\n  train: {tmp_path / 'x.jsonl'}\n")
-    assert main(["train", str(c), "--nproc", "2"]) == 2
-    assert "runs in one process: --nproc would train the same model 2 times" in capsys.readouterr().err
-    assert main(["train", str(c), "--resume"]) == 2
-    assert "--resume: task: classification writes no checkpoints yet" in capsys.readouterr().err
+    c.write_text(yaml.safe_dump({"task": "classification", "model": {"name": str(tiny_model_dir)},
+                                 "data": {"train": str(train), "eval_fraction": 0.25, "max_length": 32},
+                                 "peft": {"method": "full"}, "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 6,
+                                                                       "eval_every": 3}}))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for args in (["--nproc", "2", f"output_dir={tmp_path / 'two'}"], [f"output_dir={tmp_path / 'one'}", "train.batch_size=8"]):
+        r = subprocess.run([sys.executable, "-m", "sftkit", "train", str(c), *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert len(two) == len(one) == 6 and all(abs(x - y) < 1e-5 for x, y in zip(two, one)), (two, one)
+    assert (tmp_path / "two" / "final" / "model" / "config.json").is_file()
 
 
 def test_classifier_logs_to_tensorboard_and_guards_non_finite_steps(tmp_path, tiny_bert_dir):

@@ -200,8 +200,8 @@ CASES = [
          argv=["generate", "{tmp}/run", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/out.jsonl"], prepare="generate_input"),
     Case("classify-one-label", "classification data with a single label", r"classification needs at least two labels",
          over={"task": "classification"}, train=[{"text": f"t{i}", "label": "a"} for i in range(4)]),
-    Case("classify-unused-key", "classification with train.grad_accum: 4", r"task: classification does not use "
-         r"train.grad_accum", over={"task": "classification", "train.grad_accum": 4},
+    Case("classify-unused-key", "classification with data.pack: true", r"task: classification does not use "
+         r"data.pack", over={"task": "classification", "data.pack": True},
          train=[{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(4)]),
     Case("task-unknown", "task: regression", r"task: 'regression' is not sft or classification", over={"task": "regression"}),
 ]

@@ -1,0 +1,220 @@
+"""task: sft — a causal LM learns replies: rows rendered with the chat template and masked, (packed)
+batches, loss summed over trained tokens; forgetting measured on general text; the final model
+saved merged (and as an adapter for LoRA), scored by generation."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..attention import packing_problem, use_packed_attention
+from ..config import Config, ConfigError
+from ..data import prepare as prepare_data
+from ..data import renderer_for, text_source
+from ..data.packing import Batcher, pad_multiple
+from ..data.render import IGNORE, Renderer, build_examples
+from ..data.sources import Row, load_rows
+from ..evaluate import check_references, evaluate_model, loss_metrics
+from ..loss import TokenLoss
+from ..models import apply_method, count_parameters, load_model
+from ..trainer import MODEL_PREFIX, Job, Run, RunResult, cap_max_length, log
+
+
+def forward_tokens(cfg: Config) -> int:
+    """Token budget of one forward pass. On CPU, small passes are as fast as big ones (measured:
+    benchmarks/throughput.py) and hold a fraction of the activations; GPUs want big ones."""
+    if cfg.train.max_forward_tokens >= 0:
+        return cfg.train.max_forward_tokens
+    return 16384 if torch.cuda.is_available() else 512
+
+
+def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that enter the loss: those whose label (shifted by one) is trained."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str) -> float:
+    """Generate a reply to each held-out prompt (all turns before the last reply) and score it."""
+    rows = rows[: cfg.eval.limit] if cfg.eval.limit > 0 else rows
+    result = evaluate_model(model, renderer, rows, [cfg.eval.metric], loss=False, max_new_tokens=cfg.eval.max_new_tokens,
+                            batch_size=cfg.eval.batch_size, label=label)
+    return result.metrics[cfg.eval.metric]
+
+
+def prepare(cfg: Config, run: Run) -> Job:
+    log(f"loading model {cfg.model.name}")
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.peft.method == "qlora")
+    cap_max_length(cfg, model)
+    renderer = renderer_for(cfg.data, tok)
+    data = prepare_data(cfg.data, cfg.train.seed, renderer)
+    for line in data.summary():
+        log(line)
+    train_ex, eval_ex, eval_rows = data.train, data.eval, data.eval_rows
+    if run.main:
+        write_data_quality(run.dir, data, tok, cfg.data.max_length)
+    if not train_ex:
+        raise ConfigError(f"{cfg.data.train}: no example has a trained token left; raise data.max_length")
+    if cfg.eval.generate and not eval_rows:
+        raise ConfigError("eval.generate=true needs held-out rows: set data.eval or data.eval_fraction")
+    if cfg.eval.generate:
+        check_references(eval_rows)
+    if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
+        model.to(run.device)
+    if cfg.data.pack:
+        log(f"packed rows: attention {use_packed_attention(model)}")
+        problem = packing_problem(model, train_ex)
+        if problem:
+            raise ConfigError(problem)
+    scores = {}
+    if cfg.eval.generate and cfg.eval.compare_base and run.start_ckpt is None and run.main:
+        scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
+        log(f"base model {cfg.eval.metric} on the held-out rows: {scores['base']:.3f}")
+    ref_ex, base_ref_ppl = reference_text(cfg, run, model, renderer)
+    frozen = None
+    if cfg.train.kl_to_base > 0 and cfg.peft.method in ("full", "freeze"):
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)  # the base, for the KL term
+
+    # Seeding right before wrapping makes the LoRA init reproducible.
+    torch.manual_seed(cfg.train.seed)
+    model = apply_method(model, cfg.peft)
+    if cfg.train.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+    log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+    batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
+                      cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length, rank=run.rank, world=run.world,
+                      max_forward_tokens=forward_tokens(cfg), pad_multiple=pad_multiple())
+    if cfg.data.pack:
+        log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
+            f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
+    return Job(model=model, loss=TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen), batcher=batcher,
+               units=trained_tokens, state={"base_ref_ppl": base_ref_ppl},
+               evaluate=Evaluation(cfg, eval_ex, ref_ex, tok.pad_token_id) if (eval_ex or ref_ex) else None,
+               finish=Finish(cfg, tok, renderer, data, eval_rows, scores, trainable, total))
+
+
+def reference_text(cfg: Config, run: Run, model, renderer) -> tuple[list, float | None]:
+    """Forgetting: the reference text's examples, and the base model's perplexity on them (measured now,
+    before training; on --resume too when the run had no such figure or another text)."""
+    if not cfg.eval.reference:
+        return [], None
+    ref_ex, _ = build_examples(load_rows(text_source(cfg.eval.reference), "text"), renderer)
+    meta = checkpoint.read_meta(run.start_ckpt) if run.start_ckpt is not None else None
+    saved = meta.get("task_state", meta["state"]).get("base_ref_ppl") if meta else None
+    if meta is not None and saved is not None and meta["config"]["eval"].get("reference") == cfg.eval.reference:
+        return ref_ex, None  # restored from the checkpoint
+    ppl = loss_metrics(model, ref_ex, cfg.train.batch_size, renderer.tok.pad_token_id)["perplexity"]
+    log(f"base model perplexity on the reference text ({cfg.eval.reference}): {ppl:.3f}")
+    return ref_ex, ppl
+
+
+class Evaluation:
+    """Held-out loss, perplexity and token accuracy, and the reference text's perplexity (forgetting)."""
+
+    def __init__(self, cfg: Config, eval_ex: list, ref_ex: list, pad_id: int):
+        self.cfg, self.eval_ex, self.ref_ex, self.pad_id = cfg, eval_ex, ref_ex, pad_id
+
+    def __call__(self, scorer, state: dict) -> dict:
+        record, bs = {}, self.cfg.train.batch_size
+        if self.ref_ex:
+            record["ref_ppl"] = loss_metrics(scorer, self.ref_ex, bs, self.pad_id)["perplexity"]
+            if state.get("base_ref_ppl"):
+                record["forgetting"] = record["ref_ppl"] / state["base_ref_ppl"] - 1
+        if self.eval_ex:
+            ev = loss_metrics(scorer, self.eval_ex, bs, self.pad_id)
+            record.update(eval_loss=ev["eval_loss"], eval_ppl=ev["perplexity"], eval_accuracy=ev["token_accuracy"])
+        return record
+
+
+class Finish:
+    """The final save (adapter and merged model, the tokenizer with the template trained), the tuned
+    model's generation score, and what summary.json and the model card add for SFT."""
+
+    def __init__(self, cfg, tok, renderer, data, eval_rows, scores, trainable, total):
+        self.cfg, self.tok, self.renderer, self.data, self.eval_rows = cfg, tok, renderer, data, eval_rows
+        self.scores, self.trainable, self.total = scores, trainable, total
+
+    def __call__(self, model, run: Run, sharded_module, result: RunResult, state: dict) -> dict:
+        cfg = self.cfg
+        model = save_final(model, self.tok, cfg, run.dir, run.main, sharded_module)
+        result.model = model
+        if run.main and cfg.eval.generate:
+            self.scores["tuned"] = generation_scores(model, self.renderer, self.eval_rows, cfg, "tuned model")
+            log(f"tuned model {cfg.eval.metric} on the held-out rows: {self.scores['tuned']:.3f}")
+        result.scores = self.scores
+        return {"metric": cfg.eval.metric if cfg.eval.generate else None, "scores": self.scores,
+                "base_ref_ppl": state.get("base_ref_ppl"), "forgetting": result.forgetting,
+                "method": cfg.peft.method, "trainable_parameters": self.trainable, "total_parameters": self.total,
+                "train_examples": len(self.data.train), "data": data_summary(self.data)}
+
+    @staticmethod
+    def after_summary(run_dir: Path) -> None:
+        from ..export import write_card
+
+        write_card(run_dir)
+
+
+def save_final(model, tok, cfg: Config, run_dir: Path, main_process: bool, sharded_module=None):
+    """The adapter as peft saves it (LoRA), and a merged model plain transformers loads.
+
+    With the weights sharded over processes (FSDP, `sharded_module` the wrapped loss module), every
+    process takes part in gathering them whole onto rank 0, which writes them; the LoRA merge then
+    starts from a fresh copy of the base model, as for QLoRA."""
+    final = run_dir / "final"
+    lora = cfg.peft.method in ("lora", "qlora")
+    state = None
+    if sharded_module is not None:
+        state = checkpoint.gather_state(sharded_module, MODEL_PREFIX, trainable_only=lora)
+    if not main_process:
+        return model
+    # The tokenizer saved with the model carries the template actually trained (data.template,
+    # data.system), so whatever loads it renders prompts as training did.
+    tok = copy.deepcopy(tok)
+    tok.chat_template = renderer_for(cfg.data, tok).trained_template(cfg.data.system)
+    if lora:
+        model.save_pretrained(final / "adapter", state_dict=state)
+        tok.save_pretrained(final / "adapter")
+        if cfg.peft.method == "qlora" or state is not None:
+            # QLoRA: merging into 4-bit weights would round the update away; FSDP: the weights in
+            # memory are shards. Either way, merge into a fresh full-precision copy of the base.
+            from ..export import merge_adapter
+
+            model = merge_adapter(cfg.model.name, final / "adapter", cfg.model.dtype, cfg.model.revision)
+        else:
+            model = model.merge_and_unload()
+        state = None
+    model.save_pretrained(final / "model", state_dict=state)
+    tok.save_pretrained(final / "model")
+    log(f"saved {final / 'model'}" + (f" and {final / 'adapter'}" if (final / "adapter").exists() else ""))
+    return model
+
+
+def data_summary(data) -> dict:
+    """Rows per source, kept, dropped by reason, truncated and tokens: for summary.json and the model card."""
+    out: dict = {"skipped": dict(data.read_stats.skipped)}
+    for name, stats, rows in (("train", data.train_stats, data.train_rows), ("eval", data.eval_stats, data.eval_rows)):
+        if stats is not None:
+            out[name] = {"sources": dict(Counter(r.source for r in rows)), "rows": stats.rows, "kept": stats.kept,
+                         "dropped": dict(stats.dropped), "truncated": stats.truncated, "tokens": stats.tokens,
+                         "trained_tokens": stats.trained_tokens}
+    return out
+
+
+def write_data_quality(run_dir: Path, data, tok, max_length: int, limit: int = 100_000) -> None:
+    """The data-quality counts of `sftkit data inspect --quality` (duplicates, eval overlap, lint) for the
+    model card; skipped above `limit` training rows, where `data inspect` is the tool to run."""
+    if len(data.train_rows) > limit:
+        return
+    from ..data.quality import analyse
+
+    q = analyse(data.train_rows, data.eval_rows, tok, max_length, diversity=False)
+    (run_dir / "data_quality.json").write_text(json.dumps({
+        "rows": q.rows, "exact_duplicates": sum(len(g) - 1 for g in q.exact),
+        "near_duplicates": sum(len(g) - 1 for g in q.near), "contaminated": len(q.contaminated),
+        "lint": {k: len(v) for k, v in q.lint.items() if v}}, indent=1))
