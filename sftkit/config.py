@@ -101,6 +101,17 @@ class ClassifyConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    loss: str = "dpo"  # dpo (sigmoid) | ipo | simpo | orpo (simpo and orpo need no reference model)
+    beta: float = 0.1  # strength of the preference (dpo, ipo, simpo); orpo: weight of the odds-ratio term
+    reference: str | None = None  # the reference model (dpo, ipo): unset = the starting model; or a model name / run's final/model
+    sft_weight: float | None = None  # adds this times the chosen reply's NLL per token (RPO); unset = 1 for orpo, else 0
+    label_smoothing: float = 0.0  # dpo only: the share of pairs taken to be mislabelled (conservative DPO)
+    precompute_reference: bool = False  # compute the reference log-probs once before training: one model pass per step
+    simpo_gamma: float = 0.5  # simpo: the target reward margin
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard
     mlflow: str | None = None  # MLflow tracking URI, e.g. sqlite:///mlflow.db; unset = no MLflow
@@ -115,7 +126,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-    task: str = "sft"  # sft (generate text) | classification (text + label rows, a classifier head)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    task: str = "sft"  # sft (generate text) | classification (text + label rows) | preference (chosen/rejected pairs)
     output_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final model
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +151,7 @@ def _dataclass_type(f: dataclasses.Field) -> type | None:
     return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
 
 
-_SECTIONS = {"model", "data", "peft", "train", "eval", "log", "classify"}
+_SECTIONS = {"model", "data", "peft", "train", "eval", "log", "classify", "preference"}
 # Keys that may change between a checkpoint and --resume: they do not alter the steps already taken.
 RESUME_SAFE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
                "train.keep", "train.patience", "train.min_delta", "train.max_bad_steps", "output_dir"}

@@ -59,6 +59,8 @@ class Run:
     accelerator: Accelerator
     dir: Path
     start_ckpt: Path | None
+    config: dict = field(default_factory=dict)  # the config as given (before any adjustment, e.g. a capped
+    # data.max_length): what checkpoints record and --resume compares against
 
     @property
     def main(self) -> bool:
@@ -398,7 +400,7 @@ def start_run(cfg: Config, overwrite: bool, resume: bool) -> Run:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed)
-    return Run(accelerator, run_dir, start_ckpt)
+    return Run(accelerator, run_dir, start_ckpt, cfg.to_dict())
 
 
 class Engine:
@@ -485,17 +487,20 @@ class Engine:
         local = sum(self.job.units(mb) for mb in micro)
         step_units = float(acc.reduce(torch.tensor(float(local), dtype=torch.float64, device=device), "sum"))
         step_units = int(step_units) if step_units.is_integer() else step_units
-        loss_sum = 0.0
+        loss_sum, extras = 0.0, {}
         try:
             for k, mb in enumerate(micro):
                 # Gradients are exchanged once per step, after the last pass.
                 sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.step_module)
                 with sync:
-                    loss_k, _, _ = self.step_module(**{key: v.to(device) if torch.is_tensor(v) else v
-                                                       for key, v in mb.items()})
+                    loss_k, _, more = self.step_module(**{key: v.to(device) if torch.is_tensor(v) else v
+                                                          for key, v in mb.items()})
                     # DDP averages gradients over ranks; multiplying by the world size makes it a sum.
                     acc.backward(loss_k * world / step_units)
                 loss_sum += float(loss_k.detach())
+                if isinstance(more, dict):  # a task's own per-step figures, as sums over its units
+                    for key, v in more.items():
+                        extras[key] = extras.get(key, 0.0) + float(v)
         except torch.OutOfMemoryError:
             raise TrainingError(_oom_advice(self.cfg)) from None
         except RuntimeError as e:
@@ -507,6 +512,9 @@ class Engine:
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
         record = {"step": step + 1, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   self.job.units_name: step_units}
+        if extras:  # summed over processes, then per unit of the step
+            summed = acc.reduce(torch.tensor(list(extras.values()), dtype=torch.float64, device=device), "sum")
+            record.update({key: float(v) / step_units for key, v in zip(extras, summed.tolist())})
         self.apply_update(record)
         return record, sum(int(mb["real_tokens"]) for mb in micro)
 
@@ -568,7 +576,7 @@ class Engine:
         run, state = self.run, self.state
         try:
             checkpoint.save(run.dir, state["step"], self.step_module, self.optimizer, self.scheduler,
-                            {"config": self.cfg.to_dict(), "state": dict(state), "task_state": dict(self.job.state),
+                            {"config": run.config, "state": dict(state), "task_state": dict(self.job.state),
                              "world": run.world}, run.rank, run.accelerator.wait_for_everyone, MODEL_PREFIX)
         except OSError as e:
             last = checkpoint.complete_checkpoints(run.dir)

@@ -200,3 +200,12 @@ def test_a_logger_whose_package_is_missing_stops_before_the_model_loads(tmp_path
     with pytest.raises(ConfigError, match="log.tensorboard=true needs the tensorboard package: pip install tensorboard"):
         train(load_config(None, cfg_dict(tmp_path, tiny_model_dir, chat_rows, "tb", **{"log.tensorboard": True})))
     assert "loading model" not in capsys.readouterr().err
+
+
+def test_resume_after_max_length_was_capped(tmp_path, tiny_model_dir, chat_rows):
+    """The capped data.max_length is an adjustment, not a change: --resume with the same config works."""
+    d = cfg_dict(tmp_path, tiny_model_dir, chat_rows, "capres", **{
+        "data.max_length": 4096, "train.save_every": 1, "train.max_steps": 2, "eval.reference": None})
+    train(load_config(None, d))
+    r = train(load_config(None, {**d, "train.max_steps": 3}), resume=True)
+    assert r.steps == 3

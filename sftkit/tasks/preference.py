@@ -1,0 +1,404 @@
+"""task: preference — learn from comparisons: DPO (sigmoid, Rafailov et al.), IPO, SimPO, ORPO.
+
+Rows are TRL's preference formats: `prompt` + `chosen` + `rejected` (each a string or a message
+list), or `chosen` and `rejected` as whole chats that share their prompt (the implicit-prompt form).
+Each reply is rendered after its prompt as SFT renders a completion (template, system message,
+truncation that keeps the prompt), so its log-probability is summed over exactly the tokens SFT
+would train. A pair's two sequences go through the model in one forward, and the log-probs are taken
+only at reply positions, from the hidden states there: never the tokens x vocab logits of the row.
+
+The reference model (dpo, ipo) is the starting model: for LoRA the same model with its adapter
+switched off (no second copy), else a frozen copy; `preference.precompute_reference` computes its
+log-probs once before training and keeps them with the pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, ConfigError
+from ..data import renderer_for
+from ..data.packing import Batcher, pad_collate
+from ..data.render import IGNORE, Example
+from ..data.sources import DataError, ReadStats, Row, parse_sources, read_source, split_eval
+from ..models import apply_method, count_parameters, load_model
+from ..trainer import Job, Run, RunResult, cap_max_length, log
+from .sft import save_final
+
+LOSSES = ("dpo", "ipo", "simpo", "orpo")
+
+
+# -- rows ------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    source: str
+    line: int
+
+
+def _messages(v, role: str, where: str) -> list[dict[str, str]]:
+    if isinstance(v, str):
+        return [{"role": role, "content": v}]
+    if isinstance(v, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                   and m.get("role") in ("system", "user", "assistant") for m in v):
+        return [{"role": m["role"], "content": m["content"]} for m in v]
+    raise DataError(f"{where}: expected a string or a list of {{role, content}} messages", "wrong type")
+
+
+def normalise_pair(obj, source: str, line: int, columns: dict[str, str], system: str | None) -> Pair:
+    """One preference row -> Pair, or a DataError naming file:line: field: problem."""
+    at = f"{source}:{line}"
+    if not isinstance(obj, dict):
+        raise DataError(f"{at}: expected an object per row, got {type(obj).__name__}", "wrong type")
+    col = {k: columns.get(k, k) for k in ("prompt", "chosen", "rejected")}
+    for k in ("chosen", "rejected"):
+        if col[k] not in obj:
+            raise DataError(f"{at}: {col[k]}: missing field; the row has {', '.join(sorted(obj)) or 'no fields'}",
+                            "missing field")
+    chosen = _messages(obj[col["chosen"]], "assistant", f"{at}: {col['chosen']}")
+    rejected = _messages(obj[col["rejected"]], "assistant", f"{at}: {col['rejected']}")
+    if col["prompt"] in obj:
+        prompt = _messages(obj[col["prompt"]], "user", f"{at}: {col['prompt']}")
+    else:  # implicit prompt: the messages both chats share
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise DataError(f"{at}: {col['chosen']}: without a prompt field, chosen and rejected must be chats that "
+                            "share their opening turns; these differ from the first message", "prompt differs")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    for k, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply or reply[0]["role"] != "assistant":
+            raise DataError(f"{at}: {col[k]}: the reply must start with an assistant message", "no reply")
+        if not any(m["content"].strip() for m in reply if m["role"] == "assistant"):
+            raise DataError(f"{at}: {col[k]}: empty reply", "empty reply")
+    if chosen == rejected:
+        raise DataError(f"{at}: {col['rejected']}: identical to {col['chosen']}: nothing to prefer", "chosen == rejected")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise DataError(f"{at}: {col['prompt']}: the prompt must end with a user turn", "no user turn")
+    if system is not None and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}, *prompt]
+    return Pair(prompt, chosen, rejected, source, line)
+
+
+def read_pairs(cfg: Config, stats: ReadStats) -> tuple[list[Pair], list[Pair]]:
+    """Training and held-out pairs: every data.train source split (data.eval_fraction) before mixing."""
+    from ..data.sources import mix
+
+    def load(path: str, split: str = "train") -> list[Pair]:
+        out = []
+        for line, obj in read_source(path, split):
+            stats.rows += 1
+            try:
+                if isinstance(obj, DataError):
+                    raise obj
+                out.append(normalise_pair(obj, path, line, cfg.data.columns, cfg.data.system))
+            except DataError as e:
+                if cfg.data.on_error != "skip":
+                    raise
+                stats.skipped[e.reason] += 1
+        return out
+
+    sources = parse_sources(cfg.data.train)
+    if not sources:
+        raise DataError("data.train is not set: give a file of preference pairs (prompt, chosen, rejected)")
+    groups = [(load(p), w) for p, w in sources]
+    held: list = []
+    if cfg.data.eval:
+        held = load(cfg.data.eval, "validation")
+    elif cfg.data.eval_fraction > 0:
+        split = [(split_eval(_as_rows(g), cfg.data.eval_fraction, cfg.train.seed), w) for g, w in groups]
+        groups = [([r.raw for r in tr], w) for (tr, _), w in split]
+        held = [r.raw for (_, ev), _ in split for r in ev]
+    train = mix([(_as_rows(g), w) for g, w in groups], cfg.train.seed) if len(groups) > 1 or groups[0][1] != 1 \
+        else _as_rows(groups[0][0])
+    return [r.raw for r in train], held
+
+
+def _as_rows(pairs: list[Pair]) -> list[Row]:
+    """Pairs as Rows (for the shared split and mix): content is the whole pair, so a pair is held out whole."""
+    return [Row(p.prompt + p.chosen + [{"role": "rejected", "content": str(p.rejected)}], p.source, p.line,
+                "preference", raw=p) for p in pairs]
+
+
+# -- examples --------------------------------------------------------------------------------------
+@dataclass
+class PairExample:
+    chosen: Example
+    rejected: Example
+    ref: tuple[float, float] | None = None  # precomputed reference log-probs
+
+    @property
+    def input_ids(self) -> list[int]:  # for the batcher's lengths
+        return self.chosen.input_ids if len(self.chosen.input_ids) >= len(self.rejected.input_ids) else self.rejected.input_ids
+
+
+def build_pairs(pairs: list[Pair], renderer) -> tuple[list[PairExample], dict]:
+    """Render both replies after the prompt, as SFT renders a completion; a pair one of whose sides
+    keeps no trained token (or whose prompt cannot fit) is dropped and counted."""
+    out, dropped = [], {}
+    for p in pairs:
+        sides = []
+        for reply in (p.chosen, p.rejected):
+            row = Row(p.prompt + reply, p.source, p.line, "prompt_completion", n_prompt=len(p.prompt))
+            ex, reason, _ = renderer.fit(row)
+            if ex is None or ex.n_trained == 0:
+                reason = reason or "no trained token left after truncation"
+                dropped[reason] = dropped.get(reason, 0) + 1
+                break
+            sides.append(ex)
+        else:
+            out.append(PairExample(*sides))
+    return out, dropped
+
+
+def collate_pairs(bins: list[list[PairExample]], pad_id: int) -> dict:
+    """Chosen rows first, then rejected, padded into one batch: one forward for both sides of every pair."""
+    pairs = [b[0] for b in bins]
+    batch = pad_collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if all(p.ref is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs], dtype=torch.float64)
+    return batch
+
+
+# -- the loss --------------------------------------------------------------------------------------
+def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each row's trained tokens, their count), from the hidden states at those
+    positions only: the LM head runs on trained positions, in chunks."""
+    from ..loss import _unwrap, head_is_logits
+
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    base = _unwrap(model)
+    if head_is_logits(base, batch["input_ids"]):
+        hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
+        head = base.get_output_embeddings()
+        parts = [torch.log_softmax(head(hidden[i : i + chunk]).float(), -1).gather(-1, targets[keep][i : i + chunk, None])
+                 for i in range(0, len(hidden), chunk)]
+        token_logps = torch.cat(parts)[:, 0] if parts else hidden.new_zeros(0)
+    else:  # a model that transforms its logits: its own logits, at the trained positions
+        logits = model(**inputs).logits[:, :-1][keep].float()
+        token_logps = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
+    n = labels.shape[0]
+    sums = torch.zeros(n, device=labels.device, dtype=torch.float32).index_add(0, rows, token_logps)
+    counts = torch.zeros(n, device=labels.device, dtype=torch.float32).index_add(0, rows, torch.ones_like(token_logps))
+    return sums, counts
+
+
+def preference_losses(kind: str, beta: float, pc, pr, rc, rr, nc, nr, label_smoothing: float = 0.0,
+                      gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss and the implicit rewards of chosen and rejected. pc/pr: policy log-probs (summed
+    over the reply), rc/rr: the reference's, nc/nr: the replies' token counts."""
+    if kind == "dpo":  # the sigmoid loss; label smoothing as conservative DPO
+        d = beta * ((pc - rc) - (pr - rr))
+        loss = -(1 - label_smoothing) * F.logsigmoid(d) - label_smoothing * F.logsigmoid(-d)
+        return loss, beta * (pc - rc), beta * (pr - rr)
+    if kind == "ipo":  # on log-ratios averaged per reply token, as TRL (confirmed with the IPO authors)
+        d = (pc - rc) / nc - (pr - rr) / nr
+        return (d - 1 / (2 * beta)) ** 2, beta * (pc - rc), beta * (pr - rr)
+    ac, ar = pc / nc, pr / nr  # average log-probs: SimPO and ORPO need no reference
+    if kind == "simpo":
+        return -F.logsigmoid(beta * (ac - ar) - gamma), beta * ac, beta * ar
+    if kind == "orpo":  # odds ratio of the average token probabilities; the NLL term comes from sft_weight
+        log_odds = (ac - ar) - (torch.log1p(-torch.exp(ac).clamp(max=1 - 1e-7)) - torch.log1p(-torch.exp(ar).clamp(max=1 - 1e-7)))
+        return -beta * F.logsigmoid(log_odds), beta * ac, beta * ar
+    raise ConfigError(f"preference.loss: {kind!r} is not one of {', '.join(LOSSES)}")
+
+
+class PreferenceLoss(torch.nn.Module):
+    """forward(batch of [chosen..., rejected...]) -> (loss summed over pairs, pairs, metric sums)."""
+
+    def __init__(self, model, cfg: Config, frozen: torch.nn.Module | None):
+        super().__init__()
+        self.model, self.p = model, cfg.preference
+        self._frozen = [frozen]  # kept out of the module tree: DDP and the optimizer must not see it
+
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(torch.float32)
+        with torch.no_grad():
+            if self._frozen[0] is not None:
+                return sequence_logps(self._frozen[0], batch)[0]
+            peft_model = getattr(self.model, "module", self.model)
+            with peft_model.disable_adapter():
+                return sequence_logps(peft_model, batch)[0]
+
+    def forward(self, **batch):
+        p = self.p
+        logps, counts = sequence_logps(self.model, batch)
+        pc, pr = logps.chunk(2)
+        nc, nr = counts.chunk(2)
+        needs_ref = p.loss in ("dpo", "ipo")
+        rc, rr = self.reference_logps(batch).chunk(2) if needs_ref else (torch.zeros_like(pc), torch.zeros_like(pr))
+        loss, r_chosen, r_rejected = preference_losses(p.loss, p.beta, pc, pr, rc.detach(), rr.detach(), nc, nr,
+                                                       p.label_smoothing, p.simpo_gamma)
+        loss = loss.sum()
+        if self.sft_weight:
+            loss = loss + self.sft_weight * (-pc / nc).sum()  # the chosen reply's NLL per token (RPO / ORPO)
+        metrics = {"rewards/chosen": r_chosen.detach().sum(), "rewards/rejected": r_rejected.detach().sum(),
+                   "rewards/margin": (r_chosen - r_rejected).detach().sum(),
+                   "rewards/accuracy": (r_chosen > r_rejected).float().sum(),
+                   "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
+        return loss, torch.tensor(float(len(pc))), metrics
+
+    @property
+    def sft_weight(self) -> float:
+        w = self.p.sft_weight
+        return (1.0 if self.p.loss == "orpo" else 0.0) if w is None else w
+
+
+# -- the task --------------------------------------------------------------------------------------
+def check(cfg: Config) -> None:
+    p = cfg.preference
+    if p.loss not in LOSSES:
+        raise ConfigError(f"preference.loss: {p.loss!r} is not one of {', '.join(LOSSES)}")
+    if not p.beta > 0:
+        raise ConfigError(f"preference.beta: must be > 0, got {p.beta}")
+    if p.label_smoothing and p.loss != "dpo":
+        raise ConfigError("preference.label_smoothing applies to loss dpo only")
+    if not 0 <= p.label_smoothing < 0.5:
+        raise ConfigError(f"preference.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
+    for key in ("data.pack", "train.kl_to_base", "eval.generate"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name):
+            raise ConfigError(f"task: preference does not use {key}; remove it from the config")
+
+
+def prepare(cfg: Config, run: Run) -> Job:
+    log(f"loading model {cfg.model.name}")
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.peft.method == "qlora")
+    cap_max_length(cfg, model)
+    renderer = renderer_for(cfg.data, tok)
+    stats = ReadStats()
+    train_pairs, eval_pairs = read_pairs(cfg, stats)
+    train_ex, dropped = build_pairs(train_pairs, renderer)
+    eval_ex, _ = build_pairs(eval_pairs, renderer)
+    log(f"{len(train_pairs)} training pairs, {len(train_ex)} kept"
+        + (f" (dropped: {', '.join(f'{n} {r}' for r, n in dropped.items())})" if dropped else "")
+        + f"; {len(eval_ex)} held out" + (f"; skipped while reading: {dict(stats.skipped)}" if stats.skipped else ""))
+    if not train_ex:
+        raise ConfigError(f"{cfg.data.train}: no pair has a trained token left on both sides; raise data.max_length")
+    if cfg.peft.method != "qlora":
+        model.to(run.device)
+    needs_ref = cfg.preference.loss in ("dpo", "ipo")
+    if needs_ref and cfg.preference.reference not in (None, "", "base"):
+        frozen = load_reference(cfg.preference.reference, cfg.model.dtype).to(run.device)
+    else:
+        frozen = None if cfg.peft.method in ("lora", "qlora") else copy.deepcopy(model).eval().requires_grad_(False)
+    if needs_ref and cfg.preference.precompute_reference:
+        precompute(frozen or model, train_ex + eval_ex, tok.pad_token_id, run.device, cfg.train.batch_size)
+        frozen = None
+    base_accuracy = preference_accuracy(model, eval_ex, tok.pad_token_id, run.device, cfg.train.batch_size) \
+        if eval_ex and run.start_ckpt is None else None
+    torch.manual_seed(cfg.train.seed)
+    model = apply_method(model, cfg.peft)
+    trainable, total = count_parameters(model)
+    log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+    batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
+                      rank=run.rank, world=run.world, collate=lambda bins: collate_pairs(bins, tok.pad_token_id))
+    loss = PreferenceLoss(model, cfg, frozen)
+    return Job(model=model, loss=loss, batcher=batcher, units=lambda b: float(len(b["labels"]) // 2),
+               evaluate=Evaluation(cfg, loss, eval_ex, tok.pad_token_id) if eval_ex else None,
+               finish=Finish(cfg, tok, eval_ex, base_accuracy, trainable, total, len(train_ex)),
+               units_name="pairs", state={"base_accuracy": base_accuracy})
+
+
+def load_reference(name: str, dtype: str) -> torch.nn.Module:
+    """preference.reference: a model name or directory, or a run directory (its final model)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from ..models import _hub_error, pick_dtype, resolve
+
+    if (Path(name) / "final" / "model").is_dir():
+        name = str(Path(name) / "final" / "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=pick_dtype(dtype))
+    except OSError as e:
+        raise _hub_error(name, e) from None
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def precompute(model, examples: list[PairExample], pad_id: int, device, batch_size: int) -> None:
+    """The reference's log-probs of every pair, once: the step then runs one model pass, not two."""
+    was = model.training
+    model.eval()
+    for b in range(0, len(examples), batch_size):
+        part = examples[b : b + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs([[p] for p in part], pad_id).items()}
+        logps = sequence_logps(model, batch)[0].double().cpu()
+        for p, c, r in zip(part, logps[: len(part)].tolist(), logps[len(part):].tolist()):
+            p.ref = (c, r)
+    model.train(was)
+
+
+@torch.no_grad()
+def preference_accuracy(model, examples: list[PairExample], pad_id: int, device, batch_size: int) -> float:
+    """Share of pairs whose chosen reply the model finds more likely (summed log-prob) than the rejected."""
+    was = model.training
+    model.eval()
+    right = 0
+    for b in range(0, len(examples), batch_size):
+        part = examples[b : b + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs([[p] for p in part], pad_id).items() if k != "ref_logps"}
+        pc, pr = sequence_logps(model, batch)[0].chunk(2)
+        right += int((pc > pr).sum())
+    model.train(was)
+    return right / max(len(examples), 1)
+
+
+class Evaluation:
+    """Held-out preference loss, rewards and accuracy, as in training."""
+
+    def __init__(self, cfg, loss, examples, pad_id):
+        self.cfg, self.loss, self.examples, self.pad_id = cfg, loss, examples, pad_id
+
+    @torch.no_grad()
+    def __call__(self, scorer, state: dict | None = None) -> dict:
+        was = self.loss.training
+        self.loss.eval()
+        device = next(self.loss.model.parameters()).device
+        sums: dict[str, float] = {}
+        bs = self.cfg.train.batch_size
+        for b in range(0, len(self.examples), bs):
+            batch = collate_pairs([[p] for p in self.examples[b : b + bs]], self.pad_id)
+            loss, _, metrics = self.loss(**{k: v.to(device) for k, v in batch.items()})
+            for k, v in {"eval_loss": loss, **{f"eval_{k}": m for k, m in metrics.items()}}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.loss.train(was)
+        return {k: v / len(self.examples) for k, v in sums.items()}
+
+
+class Finish:
+    def __init__(self, cfg, tok, eval_ex, base_accuracy, trainable, total, n_train):
+        self.cfg, self.tok, self.eval_ex, self.base_accuracy = cfg, tok, eval_ex, base_accuracy
+        self.trainable, self.total, self.n_train = trainable, total, n_train
+
+    def __call__(self, model, run: Run, sharded_module, result: RunResult, state: dict) -> dict:
+        tuned = preference_accuracy(model, self.eval_ex, self.tok.pad_token_id, run.device, self.cfg.train.batch_size) \
+            if self.eval_ex else None
+        model = save_final(model, self.tok, self.cfg, run.dir, run.main, sharded_module)
+        result.model = model
+        base = state.get("base_accuracy")
+        result.scores = {k: v for k, v in (("base", base), ("tuned", tuned)) if v is not None}
+        if result.scores:
+            log("held-out preference accuracy (chosen more likely than rejected): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items()))
+        return {"metric": "preference_accuracy", "scores": result.scores, "method": self.cfg.peft.method,
+                "loss": self.cfg.preference.loss, "beta": self.cfg.preference.beta,
+                "trainable_parameters": self.trainable, "total_parameters": self.total, "train_pairs": self.n_train}
+
+    @staticmethod
+    def after_summary(run_dir) -> None:
+        pass

@@ -1,0 +1,220 @@
+"""task: preference — formats and their errors, the losses against a direct computation and against
+TRL's DPOTrainer, one forward per pair, resume, and a model that learns to prefer."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sftkit.config import ConfigError, load_config
+from sftkit.data.render import Renderer
+from sftkit.data.sources import DataError
+from sftkit.tasks.preference import (
+    PreferenceLoss,
+    build_pairs,
+    collate_pairs,
+    normalise_pair,
+    preference_losses,
+    sequence_logps,
+)
+from sftkit.trainer import train
+
+from ..conftest import make_tiny_llama, write_jsonl
+
+PAIRS = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no", "rejected": "no" if i % 2 == 0 else "yes"}
+         for i in range(16)]
+
+
+def test_formats_normalise_to_the_same_pair():
+    explicit = normalise_pair({"prompt": "q", "chosen": "good", "rejected": "bad"}, "p.jsonl", 1, {}, None)
+    messages = normalise_pair({"prompt": [{"role": "user", "content": "q"}],
+                               "chosen": [{"role": "assistant", "content": "good"}],
+                               "rejected": [{"role": "assistant", "content": "bad"}]}, "p.jsonl", 2, {}, None)
+    implicit = normalise_pair({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+                               "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]},
+                              "p.jsonl", 3, {}, None)
+    assert (explicit.prompt, explicit.chosen, explicit.rejected) == (messages.prompt, messages.chosen, messages.rejected) \
+        == (implicit.prompt, implicit.chosen, implicit.rejected)
+    mapped = normalise_pair({"question": "q", "good": "good", "bad": "bad"}, "p.jsonl", 4,
+                            {"prompt": "question", "chosen": "good", "rejected": "bad"}, "Be kind.")
+    assert mapped.prompt[0] == {"role": "system", "content": "Be kind."} and mapped.chosen == explicit.chosen
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "q", "rejected": "b"}, r"p.jsonl:7: chosen: missing field; the row has prompt, rejected"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, r"p.jsonl:7: rejected: identical to chosen"),
+    ({"prompt": "q", "chosen": "  ", "rejected": "b"}, r"p.jsonl:7: chosen: empty reply"),
+    ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]},
+     r"p.jsonl:7: chosen: without a prompt field, chosen and rejected must be chats that share"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, r"p.jsonl:7: chosen: expected a string or a list"),
+])
+def test_bad_rows_name_file_line_and_field(row, message):
+    with pytest.raises(DataError, match=message):
+        normalise_pair(row, "p.jsonl", 7, {}, None)
+
+
+def test_labels_cover_exactly_each_reply_after_the_same_prompt(tokenizer):
+    r = Renderer(tokenizer)
+    pair = normalise_pair({"prompt": "Is 4 even?", "chosen": "yes", "rejected": "no"}, "p", 1, {}, None)
+    (ex,), dropped = build_pairs([pair], r)
+    assert not dropped
+    for side, text in ((ex.chosen, "yes"), (ex.rejected, "no")):
+        trained = [t for t in side.labels if t != -100]
+        assert tokenizer.decode(trained) == text + "<|im_end|>"
+        prompt_len = side.labels.index(trained[0])
+        assert side.input_ids[:prompt_len] == ex.chosen.input_ids[:prompt_len]  # the same prompt tokens
+
+
+def test_logps_come_from_trained_positions_only(tokenizer):
+    model = make_tiny_llama(tokenizer)
+    pairs = [normalise_pair(p, "p", i, {}, None) for i, p in enumerate(PAIRS[:4])]
+    exs, _ = build_pairs(pairs, Renderer(tokenizer))
+    batch = collate_pairs([[e] for e in exs], tokenizer.pad_token_id)
+    sums, counts = sequence_logps(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    token = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * keep
+    torch.testing.assert_close(sums, token.sum(1), rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == keep.sum(1).float().tolist()
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "simpo", "orpo"])
+def test_losses_equal_their_formulas(kind):
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-torch.rand(5, generator=g) * 20 for _ in range(4))
+    nc, nr = torch.tensor([3.0, 5, 2, 7, 4]), torch.tensor([4.0, 2, 6, 3, 5])
+    beta = 0.3
+    loss, c, r = preference_losses(kind, beta, pc, pr, rc, rr, nc, nr, gamma=0.5)
+    if kind == "dpo":
+        expect = -torch.log(torch.sigmoid(beta * ((pc - rc) - (pr - rr))))
+    elif kind == "ipo":
+        expect = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
+    elif kind == "simpo":
+        expect = -torch.log(torch.sigmoid(beta * (pc / nc - pr / nr) - 0.5))
+    else:
+        odds = lambda a: a - torch.log(1 - torch.exp(a))  # noqa: E731 - log(p / (1 - p)) of the mean log-prob
+        expect = -beta * torch.log(torch.sigmoid(odds(pc / nc) - odds(pr / nr)))
+    torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
+
+
+def _trl_first_step(tmp_path, tokenizer, policy_dir, ref_dir, loss_type, rows):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_steps=1,
+                         learning_rate=0.0, beta=0.2, loss_type=[loss_type], bf16=False, report_to=[], logging_steps=1,
+                         use_cpu=True, max_length=None, save_strategy="no")
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir)
+    t = trl.DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=tokenizer)
+    t.train()
+    return next(h for h in t.state.log_history if "loss" in h)
+
+
+@pytest.mark.parametrize("loss_type,ours", [("sigmoid", "dpo"), ("ipo", "ipo")])
+def test_first_step_equals_trl_dpo_trainer(tmp_path, tokenizer, loss_type, ours):
+    """Same rows, model, a reference that differs from it (a separately initialised tiny model), beta:
+    the loss and rewards at the first step equal TRL's within 1e-5 (so the figure is not the trivial log 2)."""
+    policy_dir, ref_dir = tmp_path / "policy", tmp_path / "ref"
+    make_tiny_llama(tokenizer, seed=0).save_pretrained(policy_dir)
+    make_tiny_llama(tokenizer, seed=1).save_pretrained(ref_dir)
+    tokenizer.save_pretrained(policy_dir)
+    rows = [{"prompt": f"Question {i}:\n", "chosen": f"answer {i} is right", "rejected": f"wrong {i}"} for i in range(4)]
+    trl_log = _trl_first_step(tmp_path, tokenizer, policy_dir, ref_dir, loss_type, rows)
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = load_config(None, {"task": "preference", "model.name": str(policy_dir), "data.train": str(data),
+                             "data.template": "plain", "peft.method": "full", "preference.loss": ours,
+                             "preference.beta": 0.2, "preference.reference": str(ref_dir), "train.lr": 0.0,
+                             "train.max_steps": 1, "train.batch_size": 4, "eval.reference": None,
+                             "output_dir": str(tmp_path / "run")})
+    train(cfg)
+    (mine,) = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert abs(mine["loss"] - trl_log["loss"]) < 1e-5, (mine, trl_log)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(mine[k.replace("margins", "margin")] - trl_log[k]) < 1e-5, (k, mine, trl_log)
+    assert abs(mine["loss"] - 0.6931) > 1e-3  # not the trivial value of a reference equal to the policy
+
+
+@pytest.mark.parametrize("extra", [{}, {"preference.precompute_reference": True}])
+def test_dpo_resume_is_bitwise(tmp_path, tiny_model_dir, extra):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    base = {"task": "preference", "model.name": str(tiny_model_dir), "data.train": str(data), "peft.r": 4,
+            "train.lr": 5e-3, "train.batch_size": 4, "train.save_every": 2, "train.schedule": "constant",
+            "eval.reference": None, **extra}
+    ref = train(load_config(None, {**base, "train.max_steps": 6, "output_dir": str(tmp_path / "ref")}))
+    train(load_config(None, {**base, "train.max_steps": 3, "output_dir": str(tmp_path / "cut")}))
+    r = train(load_config(None, {**base, "train.max_steps": 6, "output_dir": str(tmp_path / "cut")}), resume=True)
+
+    def losses(d):
+        return [json.loads(x)["loss"] for x in open(d / "metrics.jsonl")]
+
+    assert losses(r.run_dir) == losses(ref.run_dir)
+    assert all("rewards/accuracy" in json.loads(x) for x in open(r.run_dir / "metrics.jsonl"))
+
+
+def test_precomputed_reference_gives_the_same_steps(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    base = {"task": "preference", "model.name": str(tiny_model_dir), "data.train": str(data), "peft.r": 4,
+            "train.lr": 5e-3, "train.batch_size": 4, "train.max_steps": 3, "eval.reference": None}
+    a = train(load_config(None, {**base, "output_dir": str(tmp_path / "a")}))
+    b = train(load_config(None, {**base, "preference.precompute_reference": True, "output_dir": str(tmp_path / "b")}))
+    la = [json.loads(x) for x in open(a.run_dir / "metrics.jsonl")]
+    lb = [json.loads(x) for x in open(b.run_dir / "metrics.jsonl")]
+    for x, y in zip(la, lb):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards/margin"] - y["rewards/margin"]) < 1e-5
+
+
+def test_dpo_teaches_the_preference_and_reports_base_and_tuned(tmp_path, tiny_model_dir):
+    names = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal"]
+    pairs = [{"prompt": f"Greet {n}.", "chosen": "Hello there!", "rejected": "Goodbye now."} for n in names] + \
+            [{"prompt": f"Dismiss {n}.", "chosen": "Goodbye now.", "rejected": "Hello there!"} for n in names]
+    data = write_jsonl(tmp_path / "p.jsonl", pairs)
+    r = train(load_config(None, {"task": "preference", "model.name": str(tiny_model_dir), "data.train": str(data),
+                                 "data.eval": str(data), "peft.method": "full", "train.lr": 1e-2, "train.batch_size": 16,
+                                 "preference.beta": 0.5, "train.max_steps": 30, "train.eval_every": 10,
+                                 "eval.reference": None,
+                                 "output_dir": str(tmp_path / "run")}))
+    summary = json.loads((r.run_dir / "summary.json").read_text())
+    assert summary["scores"]["tuned"] > summary["scores"]["base"] and summary["scores"]["tuned"] >= 0.9
+    records = [json.loads(x) for x in open(r.run_dir / "metrics.jsonl")]
+    assert records[-1]["eval_rewards/accuracy"] >= 0.9 and "eval_loss" in records[-1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(r.run_dir / "final" / "model")  # plain transformers loads it
+
+
+def test_preference_config_errors(tmp_path):
+    for over, msg in (({"preference.loss": "kto"}, "preference.loss: 'kto' is not one of dpo, ipo, simpo, orpo"),
+                      ({"preference.beta": 0}, "preference.beta: must be > 0"),
+                      ({"preference.label_smoothing": 0.1, "preference.loss": "ipo"}, "label_smoothing applies to loss dpo only"),
+                      ({"data.pack": True}, "task: preference does not use data.pack")):
+        with pytest.raises(ConfigError, match=msg):
+            train(load_config(None, {"task": "preference", "output_dir": str(tmp_path / "r"), **over}))
+    assert not (tmp_path / "r").exists()
+
+
+def test_one_forward_per_pair_and_no_full_logits(tokenizer, monkeypatch):
+    """Both sides of every pair go through the decoder in one call; the head sees trained positions only."""
+    model = make_tiny_llama(tokenizer)
+    pairs = [normalise_pair(p, "p", i, {}, None) for i, p in enumerate(PAIRS[:3])]
+    exs, _ = build_pairs(pairs, Renderer(tokenizer))
+    batch = collate_pairs([[e] for e in exs], tokenizer.pad_token_id)
+    sequence_logps(model, batch)  # the one-time check that the head gives the model's logits, out of the count
+    calls, head_rows = [], []
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    h1 = decoder.register_forward_hook(lambda m, a, k, o: calls.append(k.get("input_ids", a[0] if a else None).shape),
+                                       with_kwargs=True)
+    h2 = head.register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[0]))
+    cfg = load_config(None, {"task": "preference", "preference.loss": "simpo"})
+    loss, units, _ = PreferenceLoss(model, cfg, None)(**batch)
+    h1.remove()
+    h2.remove()
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    assert len([c for c in calls if c is not None and c[0] == 6]) == 1 and units == 3
+    assert sum(head_rows) == trained < batch["input_ids"].numel()
+    assert F.softplus(loss) > 0
