@@ -191,6 +191,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise obj
         objs.append((obj, _prompt_of(obj, args.input, line)))
     renderer = renderer_for(data_cfg, tok)
+    if args.best_of > 1 or args.reward:
+        return best_of_n(args, model, renderer, objs)
     with tqdm(total=len(objs), desc="generate", file=sys.stderr) as bar:
         replies = generate(model, renderer, [p for _, p in objs], args.max_new_tokens, args.batch_size, bar.update,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -198,6 +200,77 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for (obj, _), reply in zip(objs, replies):
             f.write(json.dumps({**obj, "generated": reply}, ensure_ascii=False) + "\n")
     print(f"wrote {len(replies)} replies to {args.output}")
+    return 0
+
+
+def best_of_n(args: argparse.Namespace, model, renderer, objs: list) -> int:
+    """Rejection sampling: N sampled replies per prompt, scored by a reward model; the best is kept and
+    every score recorded; --pairs-out writes (best, worst) as preference pairs."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from .generate import generate
+    from .tasks.reward import Scorer
+
+    if args.best_of < 2 or not args.reward:
+        raise ConfigError("--best-of N needs N >= 2 and --reward REWARD_RUN (the reward model that picks)")
+    if args.temperature <= 0:
+        raise ConfigError("--best-of samples: give --temperature > 0 (e.g. 0.8), or the N replies are the same")
+    scorer = Scorer(args.reward)
+    prompts = [p for _, p in objs]
+    samples: list[list[str]] = [[] for _ in prompts]
+    with tqdm(total=len(prompts) * args.best_of, desc=f"generate (best of {args.best_of})", file=sys.stderr) as bar:
+        for k in range(args.best_of):  # the k-th sample of every prompt, with its own seed
+            for i, reply in enumerate(generate(model, renderer, prompts, args.max_new_tokens, args.batch_size, bar.update,
+                                               temperature=args.temperature, top_p=args.top_p, seed=args.seed + k)):
+                samples[i].append(reply)
+    flat = [(p, [{"role": "assistant", "content": r}]) for p, rs in zip(prompts, samples) for r in rs]
+    scores = scorer.score(flat)
+    n = args.best_of
+    pairs = 0
+    with open(args.output, "w", encoding="utf-8") as out, \
+            (open(args.pairs_out, "w", encoding="utf-8") if args.pairs_out else open("/dev/null", "w")) as pairs_file:
+        for i, ((obj, prompt), replies) in enumerate(zip(objs, samples)):
+            s = scores[i * n : (i + 1) * n]
+            best, worst = max(range(n), key=s.__getitem__), min(range(n), key=s.__getitem__)
+            out.write(json.dumps({**obj, "generated": replies[best], "score": s[best],
+                                  "candidates": [{"reply": r, "score": x} for r, x in zip(replies, s)]},
+                                 ensure_ascii=False) + "\n")
+            if args.pairs_out and s[best] > s[worst] and replies[best] != replies[worst]:
+                pairs_file.write(json.dumps({"prompt": prompt, "chosen": replies[best], "rejected": replies[worst],
+                                             "margin": s[best] - s[worst]}, ensure_ascii=False) + "\n")
+                pairs += 1
+    print(f"wrote the best of {n} replies for {len(objs)} prompts to {args.output}"
+          + (f"; {pairs} preference pairs (best vs worst) to {args.pairs_out}" if args.pairs_out else ""))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """A reward model's score for each prompt + reply row."""
+    import json
+
+    from .data.sources import DataError, Normaliser, read_source
+    from .tasks.reward import Scorer
+
+    scorer = Scorer(args.run)
+    norm = Normaliser(args.input)
+    rows, items = [], []
+    for line, obj in read_source(args.input):
+        if isinstance(obj, DataError):
+            raise obj
+        row = norm(obj, line)
+        if row.text is not None or row.messages[-1]["role"] != "assistant":
+            raise DataError(f"{args.input}:{line}: a row to score is a prompt and its reply (prompt/completion, or "
+                            "messages ending with the assistant's reply)", "no reply")
+        cut = max(i for i, m in enumerate(row.messages) if m["role"] == "user") + 1
+        rows.append(obj)
+        items.append((row.messages[:cut], row.messages[cut:]))
+    scores = scorer.score(items, args.batch_size)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for obj, s in zip(rows, scores):
+            f.write(json.dumps({**obj, "score": s}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(scores)} scores to {args.output}")
     return 0
 
 
@@ -497,8 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", required=True, help="JSONL rows with messages (ending in a user turn) or prompt")
     g.add_argument("--output", required=True, help="JSONL: each input row plus `generated`")
     g.add_argument("--adapter")
+    g.add_argument("--best-of", type=int, default=1, metavar="N", help="sample N replies per prompt, keep the best by --reward")
+    g.add_argument("--reward", metavar="REWARD_RUN", help="a reward model (task: reward run) that scores the N replies")
+    g.add_argument("--pairs-out", metavar="FILE.jsonl", help="with --best-of: write best vs worst as preference pairs")
     gen_opts(g)
     g.set_defaults(fn=cmd_generate)
+
+    sc = sub.add_parser("score", help="a reward model's score for each prompt + reply")
+    sc.add_argument("run", help="a task: reward run directory (or a reward model directory)")
+    sc.add_argument("--input", required=True, help="rows: prompt/completion, or messages ending with the reply")
+    sc.add_argument("--output", required=True, help="JSONL: each row plus `score`")
+    sc.add_argument("--batch-size", type=int, default=16)
+    sc.set_defaults(fn=cmd_score)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens")
     ch.add_argument("model", help="alias, model directory, run directory, or base model with --adapter")

@@ -127,7 +127,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    task: str = "sft"  # sft (generate text) | classification (text + label rows) | preference (chosen/rejected pairs)
+    task: str = "sft"  # sft (generate text) | classification (text + label rows) | preference (chosen/rejected pairs: DPO...) | reward (a reward model on the same pairs)
     output_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final model
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class Pair:
     rejected: list[dict[str, str]]
     source: str
     line: int
+    margin: float = 0.0  # reward models: how much better chosen is (optional `margin` column)
 
 
 def _messages(v, role: str, where: str) -> list[dict[str, str]]:
@@ -84,7 +85,10 @@ def normalise_pair(obj, source: str, line: int, columns: dict[str, str], system:
         raise DataError(f"{at}: {col['prompt']}: the prompt must end with a user turn", "no user turn")
     if system is not None and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
-    return Pair(prompt, chosen, rejected, source, line)
+    margin = obj.get(columns.get("margin", "margin"), 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise DataError(f"{at}: {columns.get('margin', 'margin')}: expected a number, got {margin!r}", "wrong type")
+    return Pair(prompt, chosen, rejected, source, line, float(margin))
 
 
 def read_pairs(cfg: Config, stats: ReadStats) -> tuple[list[Pair], list[Pair]]:

@@ -1,0 +1,217 @@
+"""task: reward — a reward model: a scalar head on a causal LM or an encoder, trained on preference
+pairs with the Bradley-Terry loss, -log sigmoid(r(chosen) - r(rejected) - margin), with an optional
+per-pair margin column. Saved as a plain AutoModelForSequenceClassification with num_labels=1, which
+transformers (and TRL's trainers) load as is; `sftkit score` and `sftkit generate --best-of N
+--reward RUN` use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..classify import load_classifier, select_trainable
+from ..config import Config, ConfigError
+from ..data import renderer_for
+from ..data.packing import Batcher, pad_collate
+from ..data.render import Example
+from ..data.sources import ReadStats, Row
+from ..models import count_parameters, pick_dtype
+from ..trainer import Job, Run, RunResult, cap_max_length, log
+from .preference import read_pairs
+
+LABELS = ["reward"]  # one output: the score
+
+
+@dataclass
+class ScoredPair:
+    chosen: Example
+    rejected: Example
+    margin: float
+
+    @property
+    def input_ids(self) -> list[int]:
+        return max(self.chosen.input_ids, self.rejected.input_ids, key=len)
+
+
+def render_reply(renderer, prompt: list[dict], reply: list[dict], source: str = "", line: int = 0) -> Example | None:
+    """The conversation as the model reads it (template, system message); truncation keeps the prompt."""
+    ex, _, _ = renderer.fit(Row(prompt + reply, source, line, "prompt_completion", n_prompt=len(prompt)))
+    return ex
+
+
+def collate(bins: list[list[ScoredPair]], pad_id: int) -> dict:
+    pairs = [b[0] for b in bins]
+    batch = pad_collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "margin": torch.tensor([p.margin for p in pairs]), "real_tokens": batch["real_tokens"]}
+
+
+class RewardLoss(torch.nn.Module):
+    """Bradley-Terry over the pairs of a batch (chosen rows first): (loss sum, pairs, metric sums)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, margin, real_tokens=None):
+        rewards = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        rc, rr = rewards.chunk(2)
+        loss = -F.logsigmoid(rc - rr - margin.float()).sum()
+        metrics = {"accuracy": (rc > rr).float().sum(), "rewards/chosen": rc.detach().sum(),
+                   "rewards/rejected": rr.detach().sum(), "rewards/margin": (rc - rr).detach().sum()}
+        return loss, torch.tensor(float(len(rc))), metrics
+
+
+def check(cfg: Config) -> None:
+    if cfg.peft.method == "qlora":
+        raise ConfigError("task: reward does not take peft.method=qlora; use lora, head, freeze or full")
+    for key in ("data.pack", "train.kl_to_base", "eval.generate"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name):
+            raise ConfigError(f"task: reward does not use {key}; remove it from the config")
+
+
+def prepare(cfg: Config, run: Run) -> Job:
+    log(f"loading model {cfg.model.name} with a one-output score head")
+    model, tok, new_keys = load_classifier(cfg.model.name, LABELS, pick_dtype(cfg.model.dtype), cfg.model.revision)
+    cap_max_length(cfg, model)
+    renderer = renderer_for(cfg.data, tok)
+    stats = ReadStats()
+    train_pairs, eval_pairs = read_pairs(cfg, stats)
+    train_ex, eval_ex = build(train_pairs, renderer), build(eval_pairs, renderer)
+    log(f"{len(train_pairs)} training pairs, {len(train_ex)} kept; {len(eval_ex)} held out"
+        + (f"; skipped while reading: {dict(stats.skipped)}" if stats.skipped else ""))
+    if not train_ex:
+        raise ConfigError(f"{cfg.data.train}: no pair left within data.max_length")
+    model.to(run.device)
+    torch.manual_seed(cfg.train.seed)
+    model = select_trainable(model, cfg.peft.method, new_keys, cfg.peft.trainable, cfg.peft)
+    trainable, total = count_parameters(model)
+    log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+    pad = tok.pad_token_id
+    batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, pad, rank=run.rank,
+                      world=run.world, collate=lambda bins: collate(bins, pad))
+    loss = RewardLoss(model)
+    evaluation = Evaluation(cfg, loss, eval_ex, pad) if eval_ex else None
+    base = evaluation(None)["eval_accuracy"] if evaluation is not None and run.start_ckpt is None else None
+    return Job(model=model, loss=loss, batcher=batcher, units=lambda b: float(len(b["margin"])), evaluate=evaluation,
+               finish=Finish(cfg, tok, evaluation, trainable, total, len(train_ex)), units_name="pairs",
+               state={"base_accuracy": base}, select="eval_loss")
+
+
+def build(pairs, renderer) -> list[ScoredPair]:
+    out = []
+    for p in pairs:
+        c = render_reply(renderer, p.prompt, p.chosen, p.source, p.line)
+        r = render_reply(renderer, p.prompt, p.rejected, p.source, p.line)
+        if c is not None and r is not None:
+            out.append(ScoredPair(c, r, p.margin))
+    return out
+
+
+class Evaluation:
+    """Held-out Bradley-Terry loss, pairwise accuracy, and the rewards' mean and spread."""
+
+    def __init__(self, cfg, loss, examples, pad):
+        self.cfg, self.loss, self.examples, self.pad = cfg, loss, examples, pad
+
+    @torch.no_grad()
+    def __call__(self, scorer, state: dict | None = None) -> dict:
+        was = self.loss.training
+        self.loss.eval()
+        device = next(self.loss.model.parameters()).device
+        total, right, rewards = 0.0, 0.0, []
+        bs = self.cfg.eval.batch_size
+        for b in range(0, len(self.examples), bs):
+            batch = {k: v.to(device) for k, v in collate([[p] for p in self.examples[b : b + bs]], self.pad).items()}
+            loss, _, metrics = self.loss(**batch)
+            total, right = total + float(loss), right + float(metrics["accuracy"])
+            rewards += self.loss.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].tolist()
+        self.loss.train(was)
+        r = torch.tensor(rewards)
+        n = len(self.examples)
+        return {"eval_loss": total / n, "eval_accuracy": right / n, "eval_reward_mean": float(r.mean()),
+                "eval_reward_std": float(r.std()) if len(r) > 1 else 0.0}
+
+
+class Finish:
+    def __init__(self, cfg, tok, evaluation, trainable, total, n_train):
+        self.cfg, self.tok, self.evaluation = cfg, tok, evaluation
+        self.trainable, self.total, self.n_train = trainable, total, n_train
+
+    def __call__(self, model, run: Run, sharded_module, result: RunResult, state: dict) -> dict:
+        if self.evaluation is not None:
+            result.metrics = self.evaluation(None)
+        if self.cfg.peft.method == "lora":
+            model = model.merge_and_unload()
+        model.eval()
+        result.model = model
+        base = state.get("base_accuracy")
+        tuned = result.metrics.get("eval_accuracy")
+        result.scores = {k: v for k, v in (("base", base), ("tuned", tuned)) if v is not None}
+        if run.main:
+            model.config.pad_token_id = self.tok.pad_token_id  # decoders score the last token that is not padding
+            model.save_pretrained(run.dir / "final" / "model")
+            tok = self.tok
+            tok.chat_template = renderer_for(self.cfg.data, tok).trained_template(self.cfg.data.system)
+            tok.save_pretrained(run.dir / "final" / "model")
+            log(f"saved {run.dir / 'final' / 'model'} (AutoModelForSequenceClassification, num_labels=1)"
+                + (f"; held-out pairwise accuracy: base head {base:.3f}, tuned {tuned:.3f}" if base is not None
+                   and tuned is not None else ""))
+        return {"metric": "pairwise_accuracy", "scores": result.scores, "metrics": result.metrics,
+                "method": self.cfg.peft.method, "trainable_parameters": self.trainable, "total_parameters": self.total,
+                "train_pairs": self.n_train}
+
+    @staticmethod
+    def after_summary(run_dir) -> None:
+        pass
+
+
+# -- using a reward model ------------------------------------------------------------------------
+class Scorer:
+    """A trained reward model with the template it was trained with: score(prompt, reply) -> float."""
+
+    def __init__(self, run_or_model: str, device: str | None = None):
+        from pathlib import Path
+
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..config import DataConfig, load_config
+        from ..models import resolve
+
+        p = Path(run_or_model)
+        data_cfg = load_config(p / "config.yaml").data if (p / "config.yaml").is_file() else DataConfig()
+        path = p / "final" / "model" if (p / "final" / "model").is_dir() else Path(resolve(run_or_model))
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"{run_or_model}: not a reward model (num_labels={self.model.config.num_labels}, expected 1)")
+        if device:
+            self.model.to(device)
+        tok = AutoTokenizer.from_pretrained(path)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.renderer = renderer_for(data_cfg, tok)
+        self.system = data_cfg.system
+
+    @torch.no_grad()
+    def score(self, items: list[tuple[list[dict], list[dict]]], batch_size: int = 16) -> list[float]:
+        """Rewards of (prompt messages, reply messages) pairs."""
+        exs = []
+        for prompt, reply in items:
+            if self.system is not None and prompt[0]["role"] != "system":
+                prompt = [{"role": "system", "content": self.system}, *prompt]
+            ex = render_reply(self.renderer, prompt, reply)
+            if ex is None:  # a prompt too long to fit: score its last max_length tokens
+                ids = self.renderer.prompt_ids(prompt)[-self.renderer.max_length:]
+                ex = Example(ids, [-100] * len(ids))
+            exs.append(ex)
+        out: list[float] = []
+        device = next(self.model.parameters()).device
+        for b in range(0, len(exs), batch_size):
+            batch = pad_collate(exs[b : b + batch_size], self.renderer.tok.pad_token_id)
+            logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            out += logits[:, 0].float().tolist()
+        return out

@@ -1,0 +1,76 @@
+"""task: reward — a Bradley-Terry reward model saved for plain transformers; `sftkit score`; best-of-n."""
+
+import json
+
+import pytest
+import torch
+
+from sftkit.cli import main
+from sftkit.config import load_config
+from sftkit.trainer import train
+
+from ..conftest import write_jsonl
+
+NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal"]
+PAIRS = [{"prompt": f"Greet {n}.", "chosen": "Hello there!", "rejected": "Go away."} for n in NAMES] + \
+        [{"prompt": f"Thank {n}.", "chosen": "Thank you so much!", "rejected": "Whatever."} for n in NAMES]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("reward")
+    data = write_jsonl(tmp / "p.jsonl", [dict(p, margin=1.0) for p in PAIRS])
+    r = train(load_config(None, {"task": "reward", "model.name": str(tiny_model_dir), "data.train": str(data),
+                                 "data.eval": str(data), "peft.method": "full", "train.lr": 1e-2, "train.batch_size": 16,
+                                 "train.max_steps": 30, "train.eval_every": 10, "eval.reference": None,
+                                 "output_dir": str(tmp / "run")}))
+    return r
+
+
+def test_reward_model_learns_and_loads_in_plain_transformers(reward_run, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    summary = json.loads((reward_run.run_dir / "summary.json").read_text())
+    assert summary["scores"]["tuned"] >= 0.9 and summary["scores"]["tuned"] > summary["scores"]["base"]
+    assert {"eval_loss", "eval_accuracy", "eval_reward_mean", "eval_reward_std"} <= set(summary["metrics"])
+    model = AutoModelForSequenceClassification.from_pretrained(reward_run.run_dir / "final" / "model").eval()
+    assert model.config.num_labels == 1
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(reward_run.run_dir / "final" / "model")
+    texts = [tok.apply_chat_template([{"role": "user", "content": "Greet Ann."}, {"role": "assistant", "content": r}],
+                                     tokenize=False) for r in ("Hello there!", "Go away.")]
+    with torch.no_grad():
+        good, bad = (model(**tok(t, return_tensors="pt")).logits[0, 0] for t in texts)
+    assert good > bad  # the saved model ranks as the trained one does
+    records = [json.loads(x) for x in open(reward_run.run_dir / "metrics.jsonl")]
+    assert "accuracy" in records[0] and "rewards/margin" in records[0]
+
+
+def test_score_adds_a_score_per_row(reward_run, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Greet Bob.", "completion": "Hello there!"},
+                                                  {"prompt": "Greet Bob.", "completion": "Go away."}])
+    assert main(["score", str(reward_run.run_dir), "--input", str(rows), "--output", str(tmp_path / "s.jsonl")]) == 0
+    scored = [json.loads(x) for x in open(tmp_path / "s.jsonl")]
+    assert scored[0]["score"] > scored[1]["score"] and scored[0]["completion"] == "Hello there!"
+
+
+def test_best_of_n_keeps_the_argmax_and_writes_pairs(reward_run, tiny_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Greet {n}."} for n in NAMES[:3]])
+    out, pairs = tmp_path / "best.jsonl", tmp_path / "pairs.jsonl"
+    assert main(["generate", str(tiny_model_dir), "--input", str(prompts), "--output", str(out), "--best-of", "4",
+                 "--reward", str(reward_run.run_dir), "--temperature", "1.0", "--max-new-tokens", "6",
+                 "--pairs-out", str(pairs)]) == 0
+    for row in map(json.loads, open(out)):
+        assert len(row["candidates"]) == 4
+        best = max(row["candidates"], key=lambda c: c["score"])
+        assert row["generated"] == best["reply"] and row["score"] == best["score"]
+    for p in map(json.loads, open(pairs)):
+        assert p["margin"] > 0 and p["chosen"] != p["rejected"]
+
+
+def test_best_of_n_needs_a_reward_and_sampling(tiny_model_dir, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    assert main(["generate", str(tiny_model_dir), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+                 "--best-of", "3"]) == 2
+    assert "--best-of N needs N >= 2 and --reward REWARD_RUN" in capsys.readouterr().err
