@@ -27,7 +27,7 @@ from ..data.render import IGNORE, Example
 from ..data.sources import DataError, ReadStats, Row, parse_sources, read_source, split_eval
 from ..models import apply_method, count_parameters, load_model
 from ..trainer import Job, Run, RunResult, cap_max_length, log
-from .sft import save_final
+from .sft import forward_tokens, save_final
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
 
@@ -307,8 +307,11 @@ def prepare(cfg: Config, run: Run) -> Job:
     model = apply_method(model, cfg.peft)
     trainable, total = count_parameters(model)
     log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+    # Passes of a few pairs (both sides of a pair always in the same pass): the loss is normalised by the
+    # pairs of the whole step, so this changes nothing but the activation memory (as max_forward_tokens in SFT).
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
-                      rank=run.rank, world=run.world, collate=lambda bins: collate_pairs(bins, tok.pad_token_id))
+                      rank=run.rank, world=run.world, max_forward_tokens=forward_tokens(cfg) // 2,
+                      collate=lambda bins: collate_pairs(bins, tok.pad_token_id))
     loss = PreferenceLoss(model, cfg, frozen)
     return Job(model=model, loss=loss, batcher=batcher, units=lambda b: float(len(b["labels"]) // 2),
                evaluate=Evaluation(cfg, loss, eval_ex, tok.pad_token_id) if eval_ex else None,
