@@ -408,4 +408,19 @@ class Finish:
 
     @staticmethod
     def after_summary(run_dir) -> None:
-        pass
+        """report.md: the held-out preference accuracy of the starting and the tuned model side by side."""
+        import json
+
+        summary = json.loads((run_dir / "summary.json").read_text())
+        scores = summary.get("scores") or {}
+        lines = [f"# {run_dir.name}: preference optimisation ({summary.get('loss')}, beta {summary.get('beta')})", "",
+                 f"{summary['steps']} steps, {summary.get('train_pairs')} training pairs, method {summary['method']}; "
+                 f"stopped: {summary['stopped']}; final weights: {summary['final_weights']}.", ""]
+        if scores:
+            lines += ["Held-out preference accuracy (the chosen reply more likely than the rejected one):", "",
+                      "| model | preference accuracy |", "|---|---|",
+                      *[f"| {'starting model' if k == 'base' else 'tuned'} | {v:.3f} |" for k, v in scores.items()], ""]
+        if summary.get("eval_loss") is not None:
+            lines.append(f"Held-out preference loss: {summary['eval_loss']:.4f}.")
+        lines.append("Curves: plots/loss.png; every step's rewards/* and logps/*: metrics.jsonl.")
+        (run_dir / "report.md").write_text("\n".join(lines) + "\n")

@@ -181,6 +181,9 @@ def test_dpo_teaches_the_preference_and_reports_base_and_tuned(tmp_path, tiny_mo
                                  "output_dir": str(tmp_path / "run")}))
     summary = json.loads((r.run_dir / "summary.json").read_text())
     assert summary["scores"]["tuned"] > summary["scores"]["base"] and summary["scores"]["tuned"] >= 0.9
+    report = (r.run_dir / "report.md").read_text()
+    assert f"| starting model | {summary['scores']['base']:.3f} |" in report and \
+        f"| tuned | {summary['scores']['tuned']:.3f} |" in report
     records = [json.loads(x) for x in open(r.run_dir / "metrics.jsonl")]
     assert records[-1]["eval_rewards/accuracy"] >= 0.9 and "eval_loss" in records[-1]
     from transformers import AutoModelForCausalLM
