@@ -29,6 +29,7 @@ from _common import machine, update_section  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "bench-dpo"
 ROWS = {"sftkit-dpo-lora": ("sftkit", {}),
+        "sftkit-dpo-lora-precomputed": ("sftkit", {"preference.precompute_reference": True}),
         "trl-dpo-lora": ("trl", {"gradient_checkpointing": False}),
         "trl-dpo-lora-ckpt": ("trl", {"gradient_checkpointing": True})}
 BETA, LR, MAX_LENGTH = 0.1, 5e-6, 512
@@ -50,14 +51,15 @@ def make_pairs() -> Path:
     return out
 
 
-def run_sftkit(opts, pairs: Path) -> dict:
+def run_sftkit(opts, pairs: Path, settings: dict) -> dict:
     from sftkit.config import load_config
     from sftkit.trainer import train
 
     train(load_config(None, {"task": "preference", "model.name": "smollm2-135m", "data.train": str(pairs),
                              "data.template": "plain", "data.max_length": MAX_LENGTH, "peft.r": 16, "peft.alpha": 32,
                              "preference.beta": BETA, "train.lr": LR, "train.batch_size": opts.batch,
-                             "train.max_steps": opts.steps, "eval.reference": None, "output_dir": str(WORK / "sftkit")}),
+                             "train.max_steps": opts.steps, "eval.reference": None, "output_dir": str(WORK / "sftkit"),
+                             **settings}),
           overwrite=True)
     records = [json.loads(x) for x in open(WORK / "sftkit" / "metrics.jsonl")][1:]
     tokens, seconds = sum(r["tokens"] for r in records), sum(r["step_seconds"] for r in records)
@@ -108,7 +110,7 @@ def run_trl(opts, pairs: Path, settings: dict) -> dict:
 def child(name: str, opts) -> None:
     tool, settings = ROWS[name]
     pairs = WORK / "pairs.jsonl"
-    out = run_sftkit(opts, pairs) if tool == "sftkit" else run_trl(opts, pairs, settings)
+    out = run_sftkit(opts, pairs, settings) if tool == "sftkit" else run_trl(opts, pairs, settings)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
