@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .compat import unwrapped_name
+
 
 def gather_state(model: torch.nn.Module, prefix: str = "", trainable_only: bool = True) -> dict[str, torch.Tensor]:
     """Whole tensors on the CPU, by the unwrapped model's names (no DDP/FSDP prefixes) less `prefix`
@@ -34,13 +36,7 @@ def gather_state(model: torch.nn.Module, prefix: str = "", trainable_only: bool 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     aliases = tied_aliases(model)
     return {n.removeprefix(prefix): t.detach().cpu().contiguous()
-            for n, t in get_model_state_dict(model, options=opts).items() if _clean(n) not in aliases}
-
-
-def _clean(name: str) -> str:
-    from .compat import unwrapped_name
-
-    return unwrapped_name(name)
+            for n, t in get_model_state_dict(model, options=opts).items() if unwrapped_name(n) not in aliases}
 
 
 def tied_aliases(model: torch.nn.Module) -> set[str]:
@@ -48,8 +44,8 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     Saved once under its first name; loading that name fills every alias, since they share storage.
     safetensors refuses to write two names over one storage, so the aliases must be left out."""
     inner = _unwrap_ddp(model)
-    every = {_clean(n) for n, _ in inner.named_parameters(remove_duplicate=False)}
-    return every - {_clean(n) for n, _ in inner.named_parameters()}
+    every = {unwrapped_name(n) for n, _ in inner.named_parameters(remove_duplicate=False)}
+    return every - {unwrapped_name(n) for n, _ in inner.named_parameters()}
 
 
 def trainable_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -59,7 +55,7 @@ def trainable_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch
 
 def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, prefix: str = "") -> None:
     """Put trainable weights back into the (possibly wrapped or sharded) model; every rank calls it."""
-    expected = {_clean(n).removeprefix(prefix) for n, p in _unwrap_ddp(model).named_parameters() if p.requires_grad}
+    expected = {unwrapped_name(n).removeprefix(prefix) for n, p in _unwrap_ddp(model).named_parameters() if p.requires_grad}
     missing = expected - set(weights)
     if missing:
         raise ValueError(f"{source}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")

@@ -88,7 +88,7 @@ class Job:
     batcher: Any  # micro_batches(step) -> this process's batches of the step; len() = units per epoch
     units: Callable[[dict], float]  # what a micro-batch adds to the step's normaliser (trained tokens, rows)
     evaluate: Callable[[torch.nn.Module, dict], dict] | None  # (scorer, state) -> metrics; None: nothing held out
-    finish: Any  # (model, run, sharded module, result, state) -> summary fields; .after_summary(run_dir)
+    finish: Any  # (model, run, sharded module, result, state) -> summary fields; optional .after_summary(run_dir)
     select: str = "eval_loss"  # the metric that picks the best eval (and drives early stopping)
     maximize: bool = False
     final_is_best: bool = False  # the final model is the best eval's weights even without early stopping
@@ -367,7 +367,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
                    "best_eval_loss": state["best_eval"] if job.select == "eval_loss" else None,
                    "final_weights": final_weights, **summary, "seconds": round(result.seconds, 1)}
         (run.dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        job.finish.after_summary(run.dir)
+        if hasattr(job.finish, "after_summary"):  # files written from summary.json (model card, report)
+            job.finish.after_summary(run.dir)
     return result
 
 

@@ -224,7 +224,3 @@ class Finish:
         return {"method": self.cfg.peft.method, "labels": self.labels, "metrics": result.metrics,
                 "trainable_parameters": self.trainable, "total_parameters": self.total,
                 "train_examples": len(self.train_rows)}
-
-    @staticmethod
-    def after_summary(run_dir) -> None:
-        pass

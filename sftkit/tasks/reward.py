@@ -165,10 +165,6 @@ class Finish:
                 "method": self.cfg.peft.method, "trainable_parameters": self.trainable, "total_parameters": self.total,
                 "train_pairs": self.n_train}
 
-    @staticmethod
-    def after_summary(run_dir) -> None:
-        pass
-
 
 # -- using a reward model ------------------------------------------------------------------------
 class Scorer:
