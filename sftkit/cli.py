@@ -428,27 +428,14 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .data.quality import DROP_KINDS, analyse
-    from .data.sources import ReadStats, load_rows, parse_sources
-    from .models import load_tokenizer
+    from .data.quality import DROP_KINDS, plan_clean
 
     kinds = {k.strip() for k in args.drop.split(",") if k.strip()}
     unknown = kinds - set(DROP_KINDS)
     if unknown:
         raise ConfigError(f"--drop: unknown kinds {sorted(unknown)} (choose from {', '.join(DROP_KINDS)})")
     cfg = load_config(args.config, args.overrides)
-    d = cfg.data
-    sources = parse_sources(d.train)
-    if not sources:
-        raise DataError("data.train is not set: give the training file to clean (data.train=path/to/train.jsonl)")
-    # The input rows as they are, once each: no mixing weights, no held-out split; invalid rows are
-    # collected (not stopped at), since removing them is this command's job.
-    stats = ReadStats()
-    rows = [r for path, _ in dict.fromkeys(sources) for r in load_rows(path, d.format, d.columns, d.system, "skip", stats)]
-    tests = load_rows(d.eval, d.format, d.columns, d.system, "skip", ReadStats(), split="validation") if d.eval else []
-    q = analyse(rows, tests, load_tokenizer(cfg.model.name, cfg.model.revision), d.max_length, args.near_threshold,
-                diversity=False)
-    removed = q.removals(kinds)
+    rows, stats, removed = plan_clean(cfg, kinds, args.near_threshold)
     out = Path(args.out)
     gone_path = out.with_name("removed.jsonl")
     with open(out, "w", encoding="utf-8") as kept, open(gone_path, "w", encoding="utf-8") as gone:
@@ -469,6 +456,13 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
     n_removed = len(removed) + len(stats.invalid)
     print(f"read {stats.rows} = kept {len(rows) - len(removed)} + removed {n_removed}; kept -> {out}, "
           f"removed -> {gone_path}" + (f" ({by_reason})" if by_reason else ""))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui import serve
+
+    serve(args.runs_dir, args.host, args.port)
     return 0
 
 
@@ -496,6 +490,8 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.quality import CLEAN_DEFAULT
+
     p = argparse.ArgumentParser(prog="sftkit", description="Supervised fine-tuning of language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -525,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("config", help="YAML config file")
     dc.add_argument("overrides", nargs="*")
     dc.add_argument("--out", required=True, help="cleaned rows (JSONL); removed.jsonl is written beside it")
-    dc.add_argument("--drop", default="exact-dup,near-dup,contaminated,empty,echo,template-token,debris",
+    dc.add_argument("--drop", default=CLEAN_DEFAULT,
                     help="comma-separated: exact-dup, near-dup, contaminated, empty, echo, refusal, template-token, "
                          "debris, too-long, outlier")
     dc.add_argument("--near-threshold", type=float, default=0.8, help="MinHash Jaccard threshold for near duplicates")
@@ -620,6 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="JSONL: each row plus `predicted` and `probabilities`")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.set_defaults(fn=cmd_predict)
+
+    u = sub.add_parser("ui", help="a local web dashboard: runs, live curves, compare, data masks, chat")
+    u.add_argument("runs_dir", nargs="?", default="runs", help="the runs folder (default runs/)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) keeps it on this machine")
+    u.set_defaults(fn=cmd_ui)
 
     m = sub.add_parser("models", help="list model aliases and what is cached")
     m.set_defaults(fn=cmd_models)

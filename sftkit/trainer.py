@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -128,7 +130,7 @@ def prepare_run_dir(path: str, overwrite: bool, resume: bool) -> Path:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir {out} is not writable: it is a file, not a directory")
         # A run that stopped before its first step (bad data, say) left only these: it is taken again.
-        if out.exists() and any(p.name not in (RUN_MARKER, "config.yaml") for p in out.iterdir()) and not resume:
+        if out.exists() and any(p.name not in (RUN_MARKER, "config.yaml", "status.json") for p in out.iterdir()) and not resume:
             if not overwrite and not is_run_dir(out):
                 raise ConfigError(f"{_overwrite_refusal(out)}; choose an empty or new output_dir")
             if not overwrite:
@@ -320,6 +322,30 @@ class BestWeights:
 
 
 # -- the run -----------------------------------------------------------------------------------------
+@contextmanager
+def run_status(run: Run):
+    """status.json says what the run is doing, for people and for `sftkit ui`: running (with the
+    process id and host, so a run killed with -9 is told from a live one), completed, or how it
+    ended otherwise (failed with the error, stopped by a signal)."""
+    path = run.dir / "status.json"
+
+    def write(**fields) -> None:
+        if run.main:
+            with contextlib.suppress(OSError):  # a full disk is reported by what failed, not here
+                path.write_text(json.dumps({**fields, "time": time.time()}))
+
+    write(status="running", pid=os.getpid(), host=socket.gethostname(), started=time.time())
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as e:
+        write(status="stopped", error=f"stopped by a signal (exit {getattr(e, 'code', 130)}); continue with --resume")
+        raise
+    except BaseException as e:
+        write(status="failed", error=str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
+        raise
+    write(status="completed")
+
+
 def train(cfg: Config, overwrite: bool = False, resume: bool = False,
           on_eval: Callable[[int, dict], None] | None = None, options: dict | None = None) -> RunResult:
     """Run one training job of any task. `on_eval(step, record)` is called after each eval (a sweep
@@ -337,6 +363,11 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     if hasattr(task, "check"):  # the task's own config checks, before anything is written
         task.check(cfg)
     run = start_run(cfg, overwrite, resume)
+    with run_status(run):
+        return _train(cfg, task, run, on_eval, options, t_start)
+
+
+def _train(cfg: Config, task, run: Run, on_eval, options: dict | None, t_start: float) -> RunResult:
     job = task.prepare(cfg, run, **(options or {}))
     _check_disk(run.dir, job.model, cfg)
     engine = Engine(cfg, run, job)

@@ -292,6 +292,27 @@ LINT_KINDS = {"empty or very short reply": "empty", "reply repeats the prompt": 
               "template token inside content": "template-token", "encoding debris": "debris",
               "reply longer than": "too-long", "extreme length": "outlier"}
 DROP_KINDS = ("exact-dup", "near-dup", "contaminated", *LINT_KINDS.values())
+CLEAN_DEFAULT = "exact-dup,near-dup,contaminated,empty,echo,template-token,debris"  # `data clean --drop`
+
+
+def plan_clean(cfg, kinds: set[str], near_threshold: float = 0.8):
+    """What `data clean` does to a config's training sources: (rows, read stats, row index -> reason).
+
+    The input rows as they are, once each: no mixing weights, no held-out split; invalid rows are
+    collected in the stats (not stopped at), since removing them is the cleaner's job."""
+    from ..models import load_tokenizer
+    from .sources import DataError, ReadStats, load_rows, parse_sources
+
+    d = cfg.data
+    sources = parse_sources(d.train)
+    if not sources:
+        raise DataError("data.train is not set: give the training file to clean (data.train=path/to/train.jsonl)")
+    stats = ReadStats()
+    rows = [r for path, _ in dict.fromkeys(sources) for r in load_rows(path, d.format, d.columns, d.system, "skip", stats)]
+    tests = load_rows(d.eval, d.format, d.columns, d.system, "skip", ReadStats(), split="validation") if d.eval else []
+    q = analyse(rows, tests, load_tokenizer(cfg.model.name, cfg.model.revision), d.max_length, near_threshold,
+                diversity=False)
+    return rows, stats, q.removals(kinds)
 
 
 def analyse(train: list[Row], tests: list[Row], tokenizer, max_length: int, near_threshold: float = 0.8,

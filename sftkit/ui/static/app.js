@@ -1,0 +1,126 @@
+// sftkit dashboard: curves (uPlot, vendored), live metrics, compare, chat. No build step, no CDN.
+"use strict";
+const sftkit = (() => {
+  const CURVES = [
+    ["loss", "train loss"], ["eval_loss", "eval loss"], ["lr", "learning rate"],
+    ["grad_norm", "grad norm"], ["tokens_per_s", "tokens/s"], ["forgetting", "forgetting (ref. perplexity rise)"],
+  ];
+  const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
+
+  async function fetchMetrics(name, offset) {
+    const r = await fetch(`/api/metrics/${encodeURIComponent(name).replace(/%2F/g, "/")}?offset=${offset}`);
+    if (!r.ok) throw new Error(`metrics of ${name}: HTTP ${r.status}`);
+    return r.json();
+  }
+
+  // One chart per metric; each series is a run. x = optimizer step; missing values are gaps.
+  function makeChart(el, key, title, names) {
+    const box = document.createElement("div");
+    box.className = "chart";
+    box.dataset.metric = key;
+    el.appendChild(box);
+    const opts = {
+      title, width: 460, height: 220, scales: { x: { time: false } },
+      series: [{ label: "step" }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], spanGaps: true,
+                                                           points: { show: key === "eval_loss" || key === "forgetting" } }))],
+      axes: [{ label: "step" }, {}],
+    };
+    return { box, plot: new uPlot(opts, [[], ...names.map(() => [])], box), key };
+  }
+
+  function redraw(charts, runs) {
+    const steps = [...new Set(runs.flatMap(r => r.records.map(x => x.step)))].sort((a, b) => a - b);
+    for (const c of charts) {
+      const cols = runs.map(r => {
+        const by = new Map(r.records.map(x => [x.step, x[c.key]]));
+        return steps.map(s => (typeof by.get(s) === "number" ? by.get(s) : null));
+      });
+      const has = cols.some(col => col.some(v => v !== null));
+      c.box.hidden = !has;
+      c.box.dataset.points = String(cols.reduce((n, col) => n + col.filter(v => v !== null).length, 0));
+      if (has) c.plot.setData([steps, ...cols]);
+    }
+  }
+
+  async function follow(names, el, onStatus) {
+    const runs = names.map(n => ({ name: n, records: [], offset: 0, status: null }));
+    const charts = CURVES.map(([k, t]) => makeChart(el, k, t, names));
+    async function tick() {
+      let changed = false;
+      for (const r of runs) {
+        const m = await fetchMetrics(r.name, r.offset);
+        if (m.records.length) { r.records.push(...m.records); changed = true; }
+        r.offset = m.offset;
+        r.status = m.status;
+        if (onStatus) onStatus(r, m);
+      }
+      if (changed) redraw(charts, runs);
+      el.dataset.records = String(runs.reduce((n, r) => n + r.records.length, 0));
+      // A running run is followed: new lines of metrics.jsonl appear without a reload.
+      if (runs.some(r => r.status === "running" || r.status === null)) setTimeout(tick, 1000);
+      else setTimeout(tick, 5000);
+    }
+    await tick();
+  }
+
+  function runPage(name) {
+    const status = document.getElementById("status");
+    follow([name], document.getElementById("charts"), (r, m) => {
+      status.textContent = m.status;
+      status.className = `status ${m.status}`;
+    });
+  }
+
+  function comparePage(names) { follow(names, document.getElementById("charts")); }
+
+  function runsPage() {
+    const b = document.getElementById("compare");
+    if (!b) return;
+    b.addEventListener("click", () => {
+      const picked = [...document.querySelectorAll("input.pick:checked")].map(x => x.value);
+      if (picked.length < 2) { alert("Tick two or more runs"); return; }
+      location.href = "/compare?" + picked.map(n => "run=" + encodeURIComponent(n)).join("&");
+    });
+  }
+
+  function chatPage(name) {
+    const log = document.getElementById("log"), form = document.getElementById("chatform");
+    const input = document.getElementById("message"), system = document.getElementById("system");
+    let history = [];
+    function bubble(role, text) {
+      const d = document.createElement("div");
+      d.className = `msg ${role}`;
+      d.textContent = text;
+      log.appendChild(d);
+      log.scrollTop = log.scrollHeight;
+      return d;
+    }
+    document.getElementById("reset").addEventListener("click", () => { history = []; log.innerHTML = ""; });
+    form.addEventListener("submit", async ev => {
+      ev.preventDefault();
+      const text = input.value.trim();
+      if (!text) return;
+      input.value = "";
+      history.push({ role: "user", content: text });
+      bubble("user", text);
+      const out = bubble("assistant pending", "");
+      const r = await fetch(`/api/chat/${encodeURIComponent(name).replace(/%2F/g, "/")}`, {
+        method: "POST", headers: { "content-type": "application/json" },
+        body: JSON.stringify({ messages: history, system: system.value }),
+      });
+      if (!r.ok) { out.textContent = `error: ${(await r.json()).error}`; out.className = "msg error"; history.pop(); return; }
+      const reader = r.body.getReader(), dec = new TextDecoder();
+      let reply = "";
+      for (;;) {  // streamed: the reply grows as the model writes it
+        const { value, done } = await reader.read();
+        if (done) break;
+        reply += dec.decode(value, { stream: true });
+        out.textContent = reply;
+      }
+      out.className = "msg assistant done";
+      history.push({ role: "assistant", content: reply });
+    });
+  }
+
+  return { runPage, comparePage, runsPage, chatPage };
+})();
