@@ -123,8 +123,9 @@ def test_the_runs_table_lists_each_run_with_its_status(server, tab, tmp_path):
     assert cells[5] == "4"  # steps
     assert cells[-1] == "completed"
     broken = tab.locator("tr[data-run='broken'] td.status")
-    assert broken.inner_text() == "failed"
-    assert "bad.jsonl:1" in broken.get_attribute("title")  # the run's own error, from status.json
+    status, why = broken.inner_text().split("\n", 1)
+    assert status == "failed"
+    assert why.endswith("bad.jsonl:1: messages[0]: no assistant turn to train on")  # the run's own error, from status.json
     shot(tab, "ui-runs.png", tmp_path)
 
 
