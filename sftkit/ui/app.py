@@ -47,6 +47,20 @@ def duration(seconds) -> str:
     return f"{s // 3600}h {s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
 
 
+def render_markdown(text: str, run_name: str) -> str:
+    """report.md as HTML (raw HTML in it is escaped); its relative image links point into the run."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(text)
+    for t in tokens:
+        for child in t.children or []:
+            src = child.attrGet("src") if child.type == "image" else None
+            if src and "://" not in src and not src.startswith("/"):
+                child.attrSet("src", f"/files/{quote(run_name)}/{quote(src)}")
+    return md.renderer.render(tokens, md.options, {})
+
+
 def run_link(name: str, path: str = "run") -> str:
     return f"/{path}/{quote(name)}"
 
@@ -101,12 +115,10 @@ class Dashboard:
                  f"<p><a href=\"{run_link(name, 'data')}\">Data</a> · <a href=\"{run_link(name, 'chat')}\">Chat</a></p>",
                  "<h2>Curves</h2><div id=charts class=charts></div>"]
         report = run / "report.md"
-        if report.is_file():
-            from markdown_it import MarkdownIt
-
-            md = MarkdownIt("commonmark", {"html": False}).enable("table")
-            parts.append(f"<h2>Report</h2><div class=report>{md.render(report.read_text(encoding='utf-8', errors='replace'))}</div>")
-        images = [p for p in ("compare.png", "confusion.png", "plots/loss.png") if (run / p).is_file()]
+        text = report.read_text(encoding="utf-8", errors="replace") if report.is_file() else ""
+        if text:
+            parts.append(f"<h2>Report</h2><div class=report>{render_markdown(text, name)}</div>")
+        images = [p for p in ("compare.png", "confusion.png", "plots/loss.png") if (run / p).is_file() and f"]({p})" not in text]
         for img in images:
             parts.append(f"<h2>{e(img)}</h2><img class=plot alt=\"{e(img)}\" src=\"/files/{quote(name)}/{quote(img)}\">")
         ckpts = R.checkpoints(run)

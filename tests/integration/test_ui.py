@@ -53,6 +53,9 @@ def runs_root(tmp_path_factory, tiny_model_dir):
               "train.seed": 3}
     for name, lr in (("tiny", 1e-3), ("tiny-fast", 5e-3)):
         train(load_config(None, {**common, "train.lr": lr, "output_dir": str(root / name)}))
+    held_out = write_jsonl(root.parent / "held_out.jsonl", rows_with_a_duplicate()[:4])
+    assert main(["compare", str(tiny_model_dir), str(root / "tiny"), "--data", str(held_out), "--metrics",
+                 "exact_match", "--max-new-tokens", "4"]) == 0  # report.md and compare.png for the run page
     # A run that has learnt one reply, so the chat test reads real words (a random model writes blanks).
     hello = write_jsonl(root.parent / "hello.jsonl", [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Hello from sftkit."}]}
@@ -156,6 +159,8 @@ def test_the_run_page_draws_curves_and_follows_new_metrics_lines(server, runs_ro
     tab.wait_for_function("document.querySelector('#charts').dataset.records === '4'")
     assert tab.locator(".chart[data-metric='eval_loss']").get_attribute("data-points") == "2"
     assert "train:" in tab.locator("#config").inner_text()
+    assert "exact_match" in tab.locator(".report pre").inner_text()  # report.md, rendered
+    tab.wait_for_function("[...document.querySelectorAll('.report img')].some(i => i.complete && i.naturalWidth > 0)")
     shot(tab, "ui-run.png", tmp_path)
 
 
@@ -210,6 +215,33 @@ def test_chat_streams_the_reply_the_model_gives(server, runs_root, tab, tmp_path
     shot(tab, "ui-chat.png", tmp_path)
     tab.locator("#reset").click()
     assert tab.locator(".msg").count() == 0
+
+
+def test_status_tells_a_live_run_from_a_killed_one(runs_root, tmp_path):
+    import subprocess
+
+    from sftkit.ui.runs import status
+
+    run = tmp_path / "r"
+    shutil.copytree(runs_root / "tiny", run, ignore=shutil.ignore_patterns("final", "summary.json"))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid, want in ((os.getpid(), "running"), (gone.pid, "failed")):
+        (run / "status.json").write_text(json.dumps({"status": "running", "pid": pid, "host": socket.gethostname()}))
+        assert status(run)[0] == want
+    summary = json.loads((runs_root / "tiny" / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "stopped": "early stopping", "best_step": 2}))
+    (run / "status.json").write_text(json.dumps({"status": "completed"}))
+    assert status(run) == ("early-stopped", "best at step 2")
+
+
+def test_the_core_never_imports_the_dashboard():
+    import subprocess
+    import sys
+
+    code = ("import sys, sftkit.cli, sftkit.trainer, sftkit.tasks; "
+            "assert not {'starlette', 'uvicorn', 'sftkit.ui'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def raw_get(port: int, path: str) -> int:

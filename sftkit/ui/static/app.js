@@ -23,7 +23,7 @@ const sftkit = (() => {
       title, width: 460, height: 220, scales: { x: { time: false } },
       series: [{ label: "step" }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], spanGaps: true,
                                                            points: { show: key === "eval_loss" || key === "forgetting" } }))],
-      axes: [{ label: "step" }, {}],
+      axes: [{ label: "step" }, { size: 70 }],
     };
     return { box, plot: new uPlot(opts, [[], ...names.map(() => [])], box), key };
   }
