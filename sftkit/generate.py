@@ -47,11 +47,40 @@ def _sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
+def shared_prefix(encoded: list[list[int]], least: int = 8) -> int:
+    """Tokens every prompt starts with (the system message, few-shot examples, the template's opening),
+    leaving each prompt at least one token of its own; 0 when shorter than `least`."""
+    if len(encoded) < 2:
+        return 0
+    first, n = encoded[0], min(len(e) for e in encoded) - 1
+    for e in encoded[1:]:
+        n = next((i for i in range(n) if e[i] != first[i]), n)
+    return n if n >= least else 0
+
+
+def prefix_cache(model, ids: list[int], device):
+    """The KV cache of the shared prefix, computed once and copied into each batch (None where the
+    model has no cache to reuse)."""
+    from transformers import DynamicCache
+
+    if not getattr(getattr(model, "config", None), "use_cache", False) or getattr(model.config, "is_encoder_decoder", False):
+        return None
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+    return cache
+
+
 @torch.no_grad()
 def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
              batch_size: int = 16, progress=None, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None) -> list[str]:
-    """Replies to conversations that end with a user turn; each stops at its end-of-turn token."""
+             seed: int | None = None, reuse_prefix: bool = True) -> list[str]:
+    """Replies to conversations that end with a user turn; each stops at its end-of-turn token.
+
+    The prefix all prompts share (system message, few-shot examples) is run once and its KV cache
+    reused by every batch: rows are laid out as [prefix][left padding][own tokens], positions
+    counted over the real tokens only, so each row sees what it would see alone."""
+    import copy
+
     tok = renderer.tok
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was_training = model.training
@@ -60,20 +89,31 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
         torch.manual_seed(seed)
     device = next(model.parameters()).device
     encoded = [renderer.prompt_ids(p) for p in prompts]
+    n_shared = shared_prefix(encoded) if reuse_prefix else 0
+    cache = prefix_cache(model, encoded[0][:n_shared], device) if n_shared else None
+    n_shared = n_shared if cache is not None else 0
+    own = [e[n_shared:] for e in encoded]
     # Longest first keeps batches of similar length, so little compute goes to padding.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(own)), key=lambda i: -len(own[i]))
     replies: dict[int, str] = {}
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        # Left padding: every prompt ends at the same column, where generation starts.
+        width = n_shared + max(len(own[i]) for i in idx)
+        # Left padding (after the shared prefix): every prompt ends at the same column, where generation starts.
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
+        ids[:, :n_shared] = torch.tensor(encoded[idx[0]][:n_shared])
+        mask[:, :n_shared] = 1
         for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+            ids[row, width - len(own[i]):] = torch.tensor(own[i])
+            mask[row, width - len(own[i]):] = 1
+        extra = {}
+        if cache is not None:
+            extra["past_key_values"] = copy.deepcopy(cache)
+            extra["past_key_values"].batch_repeat_interleave(len(idx))
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=sorted(renderer.end_ids), pad_token_id=pad, **_sampling(temperature, top_p))
+                             eos_token_id=sorted(renderer.end_ids), pad_token_id=pad, **extra,
+                             **_sampling(temperature, top_p))
         for row, i in enumerate(idx):
             replies[i] = tok.decode(gen[row, width:], skip_special_tokens=True)
         if progress is not None:

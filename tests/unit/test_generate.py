@@ -1,0 +1,44 @@
+"""Batched generation: the shared prompt prefix is run once and its KV cache reused, exactly."""
+
+import torch
+
+from sftkit.data.render import Renderer
+from sftkit.generate import generate, shared_prefix
+
+
+
+def test_shared_prefix_leaves_each_prompt_a_token_of_its_own():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5]], least=1) == 3
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]], least=1) == 2  # the shorter one keeps its last token
+    assert shared_prefix([[1, 2, 3], [9, 2, 3]], least=1) == 0
+    assert shared_prefix([[1, 2, 3, 4]], least=1) == 0  # one prompt: nothing to share
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5]], least=8) == 0
+
+
+def sharpened(tokenizer):
+    """A random tiny Llama whose greedy replies depend on the prompt: untied, with large initial weights
+    (at the usual 0.02 its replies hardly depend on the prompt, so a wrong position would not show)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_reusing_the_shared_prefix_gives_the_replies_each_prompt_gets_alone(tokenizer):
+    model = sharpened(tokenizer)
+    renderer = Renderer(tokenizer, "auto", 512, "auto", "truncate")
+    shots = []
+    for i in range(3):
+        shots += [{"role": "user", "content": f"Example {i}: what is {i} times {i}?"},
+                  {"role": "assistant", "content": f"{i * i}"}]
+    questions = ["What is 7 times 7?", "And 12?", "Tell me a long story about the number 40 and its friends", "9?"]
+    prompts = [[{"role": "system", "content": "Answer briefly."}, *shots, {"role": "user", "content": q}]
+               for q in questions]
+    alone = [generate(model, renderer, [p], max_new_tokens=12, reuse_prefix=False)[0] for p in prompts]
+    assert len(set(alone)) > 1, alone  # the replies differ, so a wrong position or mask would show
+    assert generate(model, renderer, prompts, max_new_tokens=12, batch_size=3) == alone
+    assert generate(model, renderer, prompts, max_new_tokens=12, batch_size=4, reuse_prefix=False) == alone
