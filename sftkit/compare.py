@@ -27,8 +27,11 @@ def pick_shots(source: str, k: int, data_cfg: DataConfig, exclude: list[Row] | N
 def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None = None, data_cfg: DataConfig | None = None,
              data_overrides: dict | None = None,
              few_shot: int = 0, shots_from: str | None = None, limit: int = 0, max_new_tokens: int = 64,
-             batch_size: int = 16, generate: bool = True, sampling: dict | None = None, label: str = "model"):
-    model, tok, run_data = load_for_inference(target, adapter)
+             batch_size: int = 16, generate: bool = True, sampling: dict | None = None, label: str = "model",
+             loaded: tuple | None = None, known_loss: dict | None = None):
+    """One model on held-out rows. `loaded` is (model, tokenizer, data config) already in memory;
+    `known_loss` the loss metrics already measured on exactly these rows and weights (not measured again)."""
+    model, tok, run_data = loaded or load_for_inference(target, adapter)
     data_cfg = data_cfg or run_data
     if data_overrides:  # on top of the run's own settings (template, system message, mask), not the defaults
         from .config import Config, with_overrides
@@ -43,11 +46,42 @@ def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None 
             raise ConfigError("--few-shot needs --shots-from FILE (rows to take the examples from)")
         shots = pick_shots(source, few_shot, data_cfg, exclude=rows)
     # With examples in the prompt the loss would be of other sequences than the plain rows': leave it out.
-    result = evaluate_model(model, renderer_for(data_cfg, tok), rows, metrics, loss=not shots, generate_replies=generate,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, shots=shots, sampling=sampling,
-                            label=label)
+    result = evaluate_model(model, renderer_for(data_cfg, tok), rows, metrics, loss=not shots and not known_loss,
+                            generate_replies=generate, max_new_tokens=max_new_tokens, batch_size=batch_size, shots=shots,
+                            sampling=sampling, label=label)
+    if known_loss and not shots:
+        result.metrics = {**known_loss, **result.metrics}
     del model
     return result, data_cfg
+
+
+def final_eval_of_run(run_dir: Path, data: str, limit: int) -> dict | None:
+    """The run's own last eval (loss, perplexity, token accuracy) when it is the one `compare` would
+    measure: the same held-out file, unchanged since the run started, scored with the final weights."""
+    import os
+
+    cfg = load_config(run_dir / "config.yaml")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        started = json.loads((run_dir / "status.json").read_text()).get("started")
+        same_file = isinstance(cfg.data.eval, str) and os.path.samefile(cfg.data.eval, data)
+    except (OSError, ValueError):
+        return None
+    if limit or not same_file or not started or os.path.getmtime(data) >= started:
+        return None
+    if not str(summary.get("final_weights", "")).startswith("last"):
+        return None
+    last = None
+    for line in open(run_dir / "metrics.jsonl", encoding="utf-8"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "eval_loss" in record:
+            last = record
+    if last is None or last.get("step") != summary.get("steps") or "eval_accuracy" not in last:
+        return None
+    return {"eval_loss": last["eval_loss"], "perplexity": last["eval_ppl"], "token_accuracy": last["eval_accuracy"]}
 
 
 def table(results: dict[str, EvalResult]) -> str:
@@ -129,14 +163,20 @@ def compare(base: str, run: str, data: str, metrics: list[str], few_shot: int = 
     kw = dict(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     results: dict[str, EvalResult] = {}
     print(f"[sftkit] evaluating base model {base}", file=sys.stderr, flush=True)
-    results["base"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, label="base", **kw)
+    base_model = load_for_inference(base)  # once, for the plain and the few-shot rows
+    results["base"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, label="base", loaded=base_model, **kw)
     print(f"[sftkit] evaluating tuned model {run}", file=sys.stderr, flush=True)
-    results["tuned"], _ = run_eval(run, data, metrics, data_cfg=data_cfg, label="tuned", **kw)
+    known = final_eval_of_run(run_dir, data, limit) if (run_dir / "summary.json").is_file() else None
+    if known:
+        print("[sftkit] tuned model's eval loss: the run's final eval on the same rows and weights (not measured again)",
+              file=sys.stderr, flush=True)
+    results["tuned"], _ = run_eval(run, data, metrics, data_cfg=data_cfg, label="tuned", known_loss=known, **kw)
     if few_shot:
         src = shots_from or (data_cfg.train if isinstance(data_cfg.train, str) else None)
         print(f"[sftkit] evaluating base model with {few_shot} examples in the prompt", file=sys.stderr, flush=True)
         results[f"base+{few_shot}shot"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, few_shot=few_shot,
-                                                      shots_from=src, label=f"base+{few_shot}-shot", **kw)
+                                                      shots_from=src, label=f"base+{few_shot}-shot", loaded=base_model, **kw)
+    del base_model
     for name, r in results.items():
         r.write(run_dir / "compare" / name)
     plot(results, run_dir / "compare.png")

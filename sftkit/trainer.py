@@ -328,13 +328,14 @@ def run_status(run: Run):
     process id and host, so a run killed with -9 is told from a live one), completed, or how it
     ended otherwise (failed with the error, stopped by a signal)."""
     path = run.dir / "status.json"
+    process = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
 
     def write(**fields) -> None:
         if run.main:
             with contextlib.suppress(OSError):  # a full disk is reported by what failed, not here
-                path.write_text(json.dumps({**fields, "time": time.time()}))
+                path.write_text(json.dumps({**fields, **process, "time": time.time()}))
 
-    write(status="running", pid=os.getpid(), host=socket.gethostname(), started=time.time())
+    write(status="running")
     try:
         yield
     except (KeyboardInterrupt, SystemExit) as e:

@@ -58,6 +58,27 @@ def test_compare_writes_report_and_plot(tiny_run, tiny_model_dir, capsys):
         assert (run / "compare" / name / "eval.json").is_file()
 
 
+def test_compare_takes_the_tuned_loss_from_the_runs_final_eval_only_when_it_is_the_same(tmp_path, tiny_model_dir, capsys):
+    rows = [{"prompt": f"label {i}", "completion": "spam" if i % 2 else "ham"} for i in range(16)]
+    train_file, eval_file = write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows[:6])
+    run = train(load_config(None, {"model.name": str(tiny_model_dir), "data.train": str(train_file), "peft.r": 4,
+                                   "data.eval": str(eval_file), "train.max_steps": 4, "train.lr": 3e-2,
+                                   "output_dir": str(tmp_path / "run")})).run_dir
+    args = ["compare", str(tiny_model_dir), str(run), "--data", str(eval_file), "--max-new-tokens", "2", "--metrics", "exact_match"]
+    assert main(args) == 0
+    reused = json.loads((run / "compare" / "tuned" / "eval.json").read_text())["metrics"]
+    assert "the run's final eval on the same rows" in capsys.readouterr().err
+    last = [json.loads(line) for line in open(run / "metrics.jsonl")][-1]
+    assert reused["eval_loss"] == last["eval_loss"] and reused["token_accuracy"] == last["eval_accuracy"]
+    eval_file.write_text(eval_file.read_text())  # touched after the run: measured again
+    assert main(args) == 0
+    measured = json.loads((run / "compare" / "tuned" / "eval.json").read_text())["metrics"]
+    assert "the run's final eval" not in capsys.readouterr().err
+    # The merged model measured afresh gives what the run's own eval gave (adapter unmerged).
+    assert measured["eval_loss"] == pytest.approx(reused["eval_loss"], abs=1e-4)
+    assert measured["token_accuracy"] == reused["token_accuracy"]
+
+
 def test_generate_matches_eval_predictions_and_keeps_rows(tiny_run, tmp_path):
     run, eval_file, _ = tiny_run
     out = tmp_path / "gen.jsonl"
