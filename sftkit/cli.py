@@ -631,7 +631,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_library_warnings() -> None:
+    """Library notices a user cannot act on stay off the terminal: peft reads transformers'
+    renamed `is_gradient_checkpointing` (a FutureWarning on every LoRA run)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_warnings()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)

@@ -114,3 +114,17 @@ def test_splitting_micro_batches_into_smaller_passes_changes_nothing(tmp_path, t
     split = train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "split", **common, **{"train.max_forward_tokens": 100}))
     a, b = losses(whole.run_dir), losses(split.run_dir)
     assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
+
+
+def test_a_lora_run_prints_no_library_warnings(tmp_path, tiny_model_dir):
+    """peft's FutureWarning about transformers' renamed `is_gradient_checkpointing` is nothing a user can act on."""
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}])
+    (tmp_path / "c.yaml").write_text("{}\n")
+    done = subprocess.run([sys.executable, "-m", "sftkit", "train", str(tmp_path / "c.yaml"), f"model.name={tiny_model_dir}",
+                           f"data.train={data}", "train.max_steps=1", f"output_dir={tmp_path / 'r'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Warning" not in done.stderr, done.stderr
