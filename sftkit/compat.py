@@ -48,6 +48,15 @@ def clear_quantization_flags(model) -> None:
         del model.config.quantization_config
 
 
+def cache_argument(model) -> str:
+    """The name generate() and forward() take a KV cache under: `cache` in transformers 5.24 (where
+    `past_key_values` is deprecated, with a warning on every call), `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 # -- peft ------------------------------------------------------------------------------------------
 def register_lora_layer(lora_config, base_type: type, dispatch) -> None:
     """Have peft build LoRA layers for `base_type` through `dispatch` (LoraConfig._register_custom_module,

@@ -65,8 +65,10 @@ def prefix_cache(model, ids: list[int], device):
 
     if not getattr(getattr(model, "config", None), "use_cache", False) or getattr(model.config, "is_encoder_decoder", False):
         return None
+    from .compat import cache_argument
+
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_argument(model): cache})
     return cache
 
 
@@ -109,8 +111,10 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
             mask[row, width - len(own[i]):] = 1
         extra = {}
         if cache is not None:
-            extra["past_key_values"] = copy.deepcopy(cache)
-            extra["past_key_values"].batch_repeat_interleave(len(idx))
+            from .compat import cache_argument
+
+            extra[cache_argument(model)] = copy.deepcopy(cache)
+            extra[cache_argument(model)].batch_repeat_interleave(len(idx))
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              eos_token_id=sorted(renderer.end_ids), pad_token_id=pad, **extra,
                              **_sampling(temperature, top_p))

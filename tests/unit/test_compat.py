@@ -73,6 +73,22 @@ def test_register_lora_layer(tokenizer):
         changed(compat.register_lora_layer, "peft", "how custom LoRA layers are dispatched")
 
 
+def test_cache_argument_is_one_forward_takes_without_a_warning(tokenizer):
+    import warnings
+
+    from transformers import DynamicCache
+
+    from sftkit.compat import cache_argument
+
+    model = make_tiny_llama(tokenizer)
+    name = cache_argument(model)
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecated name warns: fail here, naming it
+        model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **{name: cache})
+    assert cache.get_seq_length() == 3, f"compat.cache_argument: transformers no longer fills a cache passed as {name!r}"
+
+
 def test_wrapper_prefixes():
     from torch.distributed.algorithms._checkpoint import checkpoint_wrapper
     from torch.distributed.fsdp import _common_utils

@@ -1,10 +1,10 @@
 """Batched generation: the shared prompt prefix is run once and its KV cache reused, exactly."""
 
+import pytest
 import torch
 
 from sftkit.data.render import Renderer
 from sftkit.generate import generate, shared_prefix
-
 
 
 def test_shared_prefix_leaves_each_prompt_a_token_of_its_own():
@@ -28,6 +28,7 @@ def sharpened(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # no deprecated cache argument on the way
 def test_reusing_the_shared_prefix_gives_the_replies_each_prompt_gets_alone(tokenizer):
     model = sharpened(tokenizer)
     renderer = Renderer(tokenizer, "auto", 512, "auto", "truncate")
