@@ -162,7 +162,7 @@ def few_shot_prompt(messages: list[dict[str, str]], shots: list) -> list[dict[st
     return system + demos + rest
 
 
-def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[str, float]:
+def loss_metrics(model, examples: list, batch_size: int, pad_id: int, desc: str | None = None) -> dict[str, float]:
     """Token-weighted loss, perplexity and next-token accuracy over trained tokens (as training renders them).
 
     `model` is a model, or the trainer's TokenLoss module (under FSDP the model's weights are shards
@@ -178,6 +178,9 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[st
     # Similar lengths together: less padding, same result (the sums do not depend on batching).
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, tokens, correct = 0.0, 0, 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(order), desc=desc, file=sys.stderr, leave=False, disable=desc is None)
     with torch.no_grad():
         for b in range(0, len(order), batch_size):
             batch = pad_collate([examples[i] for i in order[b : b + batch_size]], pad_id, pad_multiple())
@@ -188,6 +191,8 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int) -> dict[st
                 sums = token_loss(model, batch)
                 loss, n, ok = sums.loss, sums.tokens, sums.correct
             total, tokens, correct = total + float(loss), tokens + int(n), correct + int(ok)
+            bar.update(len(order[b : b + batch_size]))
+    bar.close()
     model.train(was_training)
     mean = total / max(tokens, 1)
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50)), "token_accuracy": correct / max(tokens, 1)}
@@ -216,7 +221,7 @@ def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: boo
     result = EvalResult()
     if loss:
         examples, _ = build_examples(rows, renderer)
-        result.metrics.update(loss_metrics(model, examples, batch_size, renderer.tok.pad_token_id))
+        result.metrics.update(loss_metrics(model, examples, batch_size, renderer.tok.pad_token_id, desc=f"eval loss ({label})"))
     gen_rows = [r for r in rows if r.text is None]
     if generate_replies:
         check_references(gen_rows)

@@ -109,7 +109,7 @@ def reference_text(cfg: Config, run: Run, model, renderer) -> tuple[list, float 
     saved = meta.get("task_state", meta["state"]).get("base_ref_ppl") if meta else None
     if meta is not None and saved is not None and meta["config"]["eval"].get("reference") == cfg.eval.reference:
         return ref_ex, None  # restored from the checkpoint
-    ppl = loss_metrics(model, ref_ex, cfg.train.batch_size, renderer.tok.pad_token_id)["perplexity"]
+    ppl = loss_metrics(model, ref_ex, cfg.train.batch_size, renderer.tok.pad_token_id, desc="reference text (base)")["perplexity"]
     log(f"base model perplexity on the reference text ({cfg.eval.reference}): {ppl:.3f}")
     return ref_ex, ppl
 
@@ -123,11 +123,11 @@ class Evaluation:
     def __call__(self, scorer, state: dict) -> dict:
         record, bs = {}, self.cfg.train.batch_size
         if self.ref_ex:
-            record["ref_ppl"] = loss_metrics(scorer, self.ref_ex, bs, self.pad_id)["perplexity"]
+            record["ref_ppl"] = loss_metrics(scorer, self.ref_ex, bs, self.pad_id, desc="reference text")["perplexity"]
             if state.get("base_ref_ppl"):
                 record["forgetting"] = record["ref_ppl"] / state["base_ref_ppl"] - 1
         if self.eval_ex:
-            ev = loss_metrics(scorer, self.eval_ex, bs, self.pad_id)
+            ev = loss_metrics(scorer, self.eval_ex, bs, self.pad_id, desc="eval loss")
             record.update(eval_loss=ev["eval_loss"], eval_ppl=ev["perplexity"], eval_accuracy=ev["token_accuracy"])
         return record
 
