@@ -58,6 +58,15 @@ class PeftConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str | None = None  # the teacher model (alias, directory or a run's final/model); unset = no distillation
+    weight: float = 0.5  # loss = (1 - weight) * NLL + weight * divergence, on trained tokens
+    temperature: float = 1.0  # both distributions are softened by this before the divergence
+    loss: str = "forward_kl"  # forward_kl = KL(teacher || student) | reverse_kl = KL(student || teacher) | jsd
+    top_k: int = 0  # the teacher's top-k log-probs only (for an offline cache); 0 = the whole vocabulary
+
+
+@dataclass
 class TrainConfig:
     lr: float = 2e-4  # peak learning rate
     batch_size: int = 8  # samples per micro-batch
@@ -81,6 +90,7 @@ class TrainConfig:
     group_by_length: bool = True  # unpacked batches: put examples of similar length together so little is padded
     kl_to_base: float = 0.0  # forgetting guard: add this times KL(base || tuned) on trained tokens; 0 = off
     checkpointing: bool = False  # gradient checkpointing: less memory, about a third more compute
+    distill: DistillConfig = field(default_factory=DistillConfig)  # learn the teacher's next-token distributions
 
 
 @dataclass
@@ -152,6 +162,7 @@ def _dataclass_type(f: dataclasses.Field) -> type | None:
 
 
 _SECTIONS = {"model", "data", "peft", "train", "eval", "log", "classify", "preference"}
+_SUBSECTIONS = {"train.distill"}  # sections inside a section, written nested in YAML
 # Keys that may change between a checkpoint and --resume: they do not alter the steps already taken.
 RESUME_SAFE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
                "train.keep", "train.patience", "train.min_delta", "train.max_bad_steps", "output_dir"}
@@ -169,8 +180,8 @@ def resume_conflicts(saved: dict[str, Any], current: Config) -> list[str]:
 def _flatten_all(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and not prefix and k in _SECTIONS:
-            out.update(_flatten_all(v, f"{k}."))
+        if isinstance(v, dict) and ((not prefix and k in _SECTIONS) or prefix + k in _SUBSECTIONS):
+            out.update(_flatten_all(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out

@@ -82,6 +82,56 @@ def _head_ce_kl(head, hidden, targets, base_hidden, coef: float):
     return ce + coef * kl, (logits.argmax(-1) == targets).sum()
 
 
+@dataclass
+class Distill:
+    """A teacher's next-token distributions to learn on trained tokens (train.distill)."""
+
+    teacher: torch.nn.Module
+    weight: float = 0.5
+    temperature: float = 1.0
+    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    top_k: int = 0
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               kind: str = "forward_kl", top_k: int = 0) -> torch.Tensor:
+    """Summed over tokens: the divergence between teacher and student next-token distributions, both
+    softened by `temperature`. forward_kl = KL(teacher || student) (mode-covering, as Hinton et al.),
+    reverse_kl = KL(student || teacher) (mode-seeking), jsd = the Jensen-Shannon divergence. With
+    top_k, the teacher keeps its k most likely tokens, renormalised (forward_kl only): what an offline
+    cache of top-k log-probs holds; k = the vocabulary size gives the full divergence."""
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    if top_k:
+        t, idx = t.topk(min(top_k, t.shape[-1]), -1)
+        t = t - torch.logsumexp(t, -1, keepdim=True)
+        s = s.gather(-1, idx)
+    if kind == "forward_kl":
+        return (t.exp() * (t - s)).sum()
+    if kind == "reverse_kl":
+        return (s.exp() * (s - t)).sum()
+    m = torch.logsumexp(torch.stack([s, t]), 0) - torch.log(torch.tensor(2.0))
+    return 0.5 * (t.exp() * (t - m)).sum() + 0.5 * (s.exp() * (s - m)).sum()
+
+
+def _distilled(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, d: Distill):
+    """(1 - weight) * NLL + weight * divergence, summed; logits compared over the shared vocabulary
+    (a model may pad its output layer beyond the tokenizer)."""
+    v = min(logits.shape[-1], teacher_logits.shape[-1])
+    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+    div = divergence(logits[:, :v], teacher_logits[:, :v], d.temperature, d.kind, d.top_k)
+    return (1 - d.weight) * ce + d.weight * div, (logits.argmax(-1) == targets).sum()
+
+
+def _head_distill(head, hidden, targets, teacher_head, teacher_hidden, d: Distill):
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden).float()
+    return _distilled(head(hidden).float(), targets, teacher_logits, d)
+
+
 def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
     """Whether the model's logits are exactly its output layer applied to the decoder's last hidden
     states, checked numerically once per model on a few real tokens (in eval mode, so dropout
@@ -122,10 +172,15 @@ def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
 
 
 def _full_logits_loss(model, inputs: dict, targets: torch.Tensor, keep: torch.Tensor, kl_coef: float,
-                      frozen: torch.nn.Module | None) -> LossSums:
+                      frozen: torch.nn.Module | None, distill: Distill | None = None) -> LossSums:
     """The plain computation from the model's own logits, for models whose logits are transformed."""
     logits = model(**inputs).logits[:, :-1][keep].float()
     t = targets[keep]
+    if distill is not None:
+        with torch.no_grad():
+            teacher_logits = _unwrap(distill.teacher)(**inputs).logits[:, :-1][keep].float()
+        loss, ok = _distilled(logits, t, teacher_logits, distill)
+        return LossSums(loss, int(t.numel()), int(ok))
     loss = F.cross_entropy(logits, t, reduction="sum")
     if kl_coef > 0:
         with torch.no_grad():
@@ -152,11 +207,14 @@ def base_hidden_states(model: torch.nn.Module, inputs: dict, frozen: torch.nn.Mo
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024,
-               kl_coef: float = 0.0, frozen_base: torch.nn.Module | None = None) -> LossSums:
+               kl_coef: float = 0.0, frozen_base: torch.nn.Module | None = None,
+               distill: Distill | None = None) -> LossSums:
     """Summed next-token cross-entropy over positions with a trained label.
 
     With kl_coef > 0, adds kl_coef * KL(base || tuned) on the same positions: distillation towards
-    the model training started from, which keeps it from drifting on what it already knew."""
+    the model training started from, which keeps it from drifting on what it already knew. With
+    `distill`, the loss is (1 - weight) * NLL + weight * divergence from a teacher's distributions,
+    the teacher's head also run on trained positions only, chunk by chunk, without gradients."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -166,8 +224,9 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     # building the block-diagonal mask out of the position ids.
     inputs["use_cache"] = False
     base = _unwrap(model)
-    if not head_is_logits(base, batch["input_ids"]):
-        return _full_logits_loss(model, inputs, targets, keep, kl_coef, frozen_base)
+    teacher = _unwrap(distill.teacher) if distill is not None else None
+    if not head_is_logits(base, batch["input_ids"]) or (teacher is not None and not head_is_logits(teacher, batch["input_ids"])):
+        return _full_logits_loss(model, inputs, targets, keep, kl_coef, frozen_base, distill)
     # Calling the decoder (not the whole model) skips the head over every position; LoRA layers
     # injected by peft live inside the decoder, so they are applied all the same.
     hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
@@ -175,6 +234,17 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     head = base.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = 0
+    if distill is not None:
+        with torch.no_grad():
+            teacher_h = teacher.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
+        teacher_head = teacher.get_output_embeddings()
+        for i in range(0, n, chunk_size):
+            sl = slice(i, i + chunk_size)
+            args = (head, hidden[sl], t[sl], teacher_head, teacher_h[sl], distill)
+            loss, ok = checkpoint(_head_distill, *args, use_reentrant=False) \
+                if torch.is_grad_enabled() and n > chunk_size else _head_distill(*args)
+            total, correct = total + loss, correct + int(ok)
+        return LossSums(total, n, correct)
     if kl_coef > 0:
         base_h = base_hidden_states(model, inputs, frozen_base)[:, :-1][keep]
         for i in range(0, n, chunk_size):
@@ -206,14 +276,17 @@ class TokenLoss(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = 1024, kl_coef: float = 0.0,
-                 frozen_base: torch.nn.Module | None = None):
+                 frozen_base: torch.nn.Module | None = None, distill: Distill | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.kl_coef = kl_coef
-        # Kept out of the module tree: DDP and the optimizer must not see the frozen copy.
+        # Kept out of the module tree: DDP and the optimizer must not see the frozen copy or the teacher.
         self._frozen = [frozen_base]
+        self._distill = [distill]
 
     def forward(self, **batch: torch.Tensor):
-        sums = token_loss(self.model, batch, self.chunk_size, self.kl_coef, self._frozen[0])
+        # The teacher shapes the training loss only: an eval pass (no gradients) scores the plain NLL.
+        distill = self._distill[0] if torch.is_grad_enabled() else None
+        sums = token_loss(self.model, batch, self.chunk_size, self.kl_coef, self._frozen[0], distill)
         return sums.loss, torch.tensor(sums.tokens), torch.tensor(sums.correct)

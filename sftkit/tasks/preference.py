@@ -275,6 +275,8 @@ def check(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name):
             raise ConfigError(f"task: preference does not use {key}; remove it from the config")
+    if cfg.train.distill.teacher is not None:
+        raise ConfigError("task: preference does not use train.distill (distillation is for task: sft)")
 
 
 def prepare(cfg: Config, run: Run) -> Job:

@@ -20,8 +20,8 @@ from ..data.packing import Batcher, pad_multiple
 from ..data.render import IGNORE, Renderer, build_examples
 from ..data.sources import Row, load_rows
 from ..evaluate import check_references, evaluate_model, loss_metrics
-from ..loss import TokenLoss
-from ..models import apply_method, count_parameters, load_model
+from ..loss import DIVERGENCES, Distill, TokenLoss
+from ..models import apply_method, count_parameters, load_model, load_tokenizer
 from ..trainer import MODEL_PREFIX, Job, Run, RunResult, cap_max_length, log
 
 
@@ -44,6 +44,59 @@ def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, l
     result = evaluate_model(model, renderer, rows, [cfg.eval.metric], loss=False, max_new_tokens=cfg.eval.max_new_tokens,
                             batch_size=cfg.eval.batch_size, label=label)
     return result.metrics[cfg.eval.metric]
+
+
+def check(cfg: Config) -> None:
+    d = cfg.train.distill
+    if d.teacher is None:
+        return
+    if d.loss not in DIVERGENCES:
+        raise ConfigError(f"train.distill.loss: {d.loss!r} is not {' | '.join(DIVERGENCES)}")
+    if not 0 <= d.weight <= 1:
+        raise ConfigError(f"train.distill.weight: must be in [0, 1], got {d.weight}")
+    if not d.temperature > 0:
+        raise ConfigError(f"train.distill.temperature: must be above 0, got {d.temperature}")
+    if d.top_k < 0 or (d.top_k and d.loss != "forward_kl"):
+        raise ConfigError("train.distill.top_k: a whole number >= 0, and above 0 only with loss forward_kl "
+                          "(the other divergences need the teacher's whole distribution)")
+    if cfg.train.kl_to_base > 0:
+        raise ConfigError("train.distill and train.kl_to_base are two teachers; choose one")
+
+
+def tokenizer_difference(student, teacher) -> str | None:
+    """The first difference between two tokenizers that would make their distributions incomparable:
+    the vocabulary (token -> id) or a special token; None when they agree."""
+    sv, tv = student.get_vocab(), teacher.get_vocab()
+    if len(sv) != len(tv):
+        return f"vocabulary sizes differ: student {len(sv)}, teacher {len(tv)}"
+    for token, i in sorted(sv.items(), key=lambda x: x[1]):
+        if tv.get(token) != i:
+            return (f"token {token!r} is id {i} in the student and "
+                    + (f"id {tv[token]} in the teacher" if token in tv else "absent from the teacher"))
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if getattr(student, name, None) != getattr(teacher, name, None):
+            return f"{name} differs: student {getattr(student, name, None)!r}, teacher {getattr(teacher, name, None)!r}"
+    return None
+
+
+def load_teacher(cfg: Config, tok, device) -> Distill | None:
+    """The teacher (train.distill.teacher: a model name, directory or run), frozen, in eval mode,
+    refused when its tokenizer differs from the student's."""
+    d = cfg.train.distill
+    if d.teacher is None:
+        return None
+    name = d.teacher
+    if (Path(name) / "final" / "model").is_dir():  # a run directory: its final model
+        name = str(Path(name) / "final" / "model")
+    difference = tokenizer_difference(tok, load_tokenizer(name))
+    if difference:
+        raise ConfigError(f"train.distill.teacher {d.teacher}: its tokenizer is not the student's ({cfg.model.name}): "
+                          f"{difference}; distillation compares next-token distributions token by token")
+    log(f"loading teacher {d.teacher} (distillation: {d.loss}, weight {d.weight}, temperature {d.temperature}"
+        + (f", top {d.top_k}" if d.top_k else "") + ")")
+    teacher, _ = load_model(name, cfg.model.dtype)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return Distill(teacher, d.weight, d.temperature, d.loss, d.top_k)
 
 
 def prepare(cfg: Config, run: Run) -> Job:
@@ -93,7 +146,9 @@ def prepare(cfg: Config, run: Run) -> Job:
     if cfg.data.pack:
         log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
             f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
-    return Job(model=model, loss=TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen), batcher=batcher,
+    distill = load_teacher(cfg, tok, run.device)
+    return Job(model=model, loss=TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen, distill=distill),
+               batcher=batcher,
                units=trained_tokens, state={"base_ref_ppl": base_ref_ppl},
                evaluate=Evaluation(cfg, eval_ex, ref_ex, tok.pad_token_id) if (eval_ex or ref_ex) else None,
                finish=Finish(cfg, tok, renderer, data, eval_rows, scores, trainable, total))

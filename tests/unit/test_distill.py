@@ -1,0 +1,92 @@
+"""Distillation (train.distill): the chunked loss on trained tokens equals the plain full-logits
+computation, for each divergence and temperature; top-k; the tokenizer check."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sftkit.config import ConfigError, load_config
+from sftkit.data.render import IGNORE
+from sftkit.loss import Distill, divergence, token_loss
+from sftkit.tasks.sft import check, tokenizer_difference
+
+from ..conftest import make_tiny_llama
+
+
+def batch_of(tokenizer):
+    torch.manual_seed(0)
+    ids = torch.randint(5, 2000, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # a prompt
+    labels[1, 9:] = IGNORE
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def plain(student, teacher, batch, weight, temperature, kind):
+    """(1 - w) NLL + w D from both models' full logits, D written out with probabilities."""
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    s_logits = student(input_ids=batch["input_ids"]).logits[:, :-1][keep]
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"]).logits[:, :-1][keep]
+    log_s, log_t = F.log_softmax(s_logits / temperature, -1), F.log_softmax(t_logits / temperature, -1)
+    if kind == "forward_kl":
+        d = F.kl_div(log_s, log_t, log_target=True, reduction="sum")  # KL(teacher || student)
+    elif kind == "reverse_kl":
+        d = F.kl_div(log_t, log_s, log_target=True, reduction="sum")
+    else:
+        p, q = log_s.exp(), log_t.exp()
+        m = (p + q) / 2
+        d = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
+    return (1 - weight) * F.cross_entropy(s_logits, targets[keep], reduction="sum") + weight * d
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_chunked_loss_equals_the_full_logits_computation(tokenizer, kind, temperature):
+    student, teacher = make_tiny_llama(tokenizer, seed=0), make_tiny_llama(tokenizer, seed=1).eval()
+    batch = batch_of(tokenizer)
+    d = Distill(teacher, weight=0.3, temperature=temperature, kind=kind)
+    got = token_loss(student, batch, chunk_size=4, distill=d).loss  # several chunks, recomputed in backward
+    got.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    want = plain(student, teacher, batch, 0.3, temperature, kind)
+    want.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    for n, p in student.named_parameters():
+        scale = float(p.grad.abs().max())
+        assert float((grads[n] - p.grad).abs().max()) <= 1e-4 * scale + 1e-8, n  # fp32 rounding only
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher learns nothing
+
+
+def test_top_k_over_the_whole_vocabulary_is_the_full_divergence_and_fewer_is_not():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 50), torch.randn(5, 50) * 3
+    full = divergence(s, t, 1.5, "forward_kl")
+    assert float(divergence(s, t, 1.5, "forward_kl", top_k=50)) == pytest.approx(float(full), rel=1e-6)
+    assert abs(float(divergence(s, t, 1.5, "forward_kl", top_k=5)) - float(full)) > 1e-3
+
+
+def test_a_teacher_with_another_tokenizer_is_named_with_the_first_difference(tokenizer):
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    assert tokenizer_difference(tokenizer, other) is None
+    other.add_tokens(["<sftkit-extra>"])
+    assert tokenizer_difference(tokenizer, other) == f"vocabulary sizes differ: student {len(tokenizer)}, teacher {len(tokenizer) + 1}"
+    renamed = copy.deepcopy(tokenizer)
+    renamed.eos_token = "<|im_start|>"
+    assert tokenizer_difference(tokenizer, renamed).startswith("eos_token differs: student '<|im_end|>'")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train.distill.loss": "kl"}, "train.distill.loss: 'kl' is not forward_kl | reverse_kl | jsd"),
+    ({"train.distill.weight": 1.5}, "train.distill.weight: must be in [0, 1]"),
+    ({"train.distill.temperature": 0}, "train.distill.temperature: must be above 0"),
+    ({"train.distill.top_k": 8, "train.distill.loss": "jsd"}, "above 0 only with loss forward_kl"),
+    ({"train.kl_to_base": 0.1}, "two teachers"),
+])
+def test_bad_distillation_settings_stop_before_anything_is_written(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("|", r"\|")):
+        check(load_config(None, {"train.distill.teacher": "x", **override}))
