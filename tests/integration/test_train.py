@@ -128,3 +128,41 @@ def test_a_lora_run_prints_no_library_warnings(tmp_path, tiny_model_dir):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Warning" not in done.stderr, done.stderr
+
+
+def test_distillation_trains_from_a_teacher_and_checks_its_tokenizer(tmp_path, tiny_model_dir, tokenizer, chat_rows):
+    import copy
+
+    from ..conftest import make_tiny_llama
+
+    teacher = tmp_path / "teacher"
+    make_tiny_llama(tokenizer, seed=1).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    common = {"train.max_steps": 3, "train.batch_size": 4, "data.eval_fraction": 0.25}
+    plain = train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "plain", **common))
+    taught = train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "taught", **common,
+                            **{"train.distill.teacher": str(teacher), "train.distill.weight": 0.5,
+                               "train.distill.temperature": 2.0}))
+    a, b = losses(plain.run_dir), losses(taught.run_dir)
+    assert a[0] != pytest.approx(b[0], abs=1e-3)  # the teacher's term is in the training loss
+    last = [json.loads(line) for line in open(taught.run_dir / "metrics.jsonl")][-1]
+    assert "eval_loss" in last and last["eval_loss"] > 0
+    saved = load_config(taught.run_dir / "config.yaml")
+    assert saved.train.distill.teacher == str(teacher) and saved.train.distill.temperature == 2.0
+
+    other = tmp_path / "other"
+    make_tiny_llama(tokenizer, seed=1).save_pretrained(other)
+    changed = copy.deepcopy(tokenizer)
+    changed.add_tokens(["<extra-token>"])
+    changed.save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"train.distill.teacher .*other: its tokenizer is not the student's .*"
+                                          r"vocabulary sizes differ"):
+        train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "refused", **common, **{"train.distill.teacher": str(other)}))
+
+
+def test_distillation_with_weight_zero_is_plain_training(tmp_path, tiny_model_dir, tokenizer, chat_rows):
+    common = {"train.max_steps": 3, "train.batch_size": 4, "peft.method": "full", "train.lr": 1e-3}
+    plain = train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "plain", **common))
+    zero = train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "zero", **common,
+                          **{"train.distill.teacher": str(tiny_model_dir), "train.distill.weight": 0.0}))
+    assert losses(zero.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-5)
