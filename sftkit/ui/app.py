@@ -253,12 +253,12 @@ class Dashboard:
         try:
             body = await request.json()
             messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in body["messages"]]
-        except (ValueError, KeyError, TypeError):
+            system = str(body.get("system") or "").strip()
+            max_new = max(1, min(int(body.get("max_new_tokens", 256)), 1024))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return JSONResponse({"error": "expected {\"messages\": [{\"role\", \"content\"}, ...], \"system\": ...}"}, 400)
         if not messages or messages[-1]["role"] != "user":
             return JSONResponse({"error": "the conversation must end with a user message"}, 400)
-        system = str(body.get("system") or "").strip()
-        max_new = max(1, min(int(body.get("max_new_tokens", 256)), 1024))
         return StreamingResponse(self.reply(run, name, system, messages, max_new), media_type="text/plain; charset=utf-8")
 
     def reply(self, run: Path, name: str, system: str, messages: list[dict], max_new: int):

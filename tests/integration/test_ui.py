@@ -261,6 +261,16 @@ def test_paths_outside_the_runs_folder_are_refused(server, path):
     assert raw_get(server[1], path) == 404
 
 
+@pytest.mark.parametrize("body, why", [("not json", "expected"), ("[1, 2]", "expected"), ('{"messages": []}', "end with a user"),
+                                       ('{"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": "many"}', "expected")])
+def test_a_bad_chat_request_gets_400_with_the_reason(server, body, why):
+    conn = http.client.HTTPConnection("127.0.0.1", server[1], timeout=10)
+    conn.request("POST", "/api/chat/hello", body=body, headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 400 and why in json.loads(response.read())["error"]
+    conn.close()
+
+
 def test_files_inside_the_runs_folder_are_served(server):
     assert raw_get(server[1], "/files/tiny/config.yaml") == 200
     assert raw_get(server[1], "/files/tiny/plots/loss.png") == 200
