@@ -459,6 +459,17 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .prune import prune
+
+    info = prune(args.model, args.keep_layers, Path(args.out), args.data, args.overwrite)
+    print(f"kept {len(info['kept'])} of {info['layers_before']} layers {info['kept']} -> {args.out} "
+          f"(removed {info['removed']}, the ones that changed their input least; pruning.json says so)")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import serve
 
@@ -616,6 +627,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="JSONL: each row plus `predicted` and `probabilities`")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.set_defaults(fn=cmd_predict)
+
+    pn = sub.add_parser("prune", help="a smaller student: drop the decoder layers that change their input least")
+    pn.add_argument("model", help="alias, model directory, or a run's final/model")
+    pn.add_argument("--keep-layers", type=int, required=True, metavar="N", help="decoder layers to keep")
+    pn.add_argument("--out", required=True, help="folder for the pruned model (plain transformers)")
+    pn.add_argument("--data", metavar="CONFIG", help="score layers on this config's training rows (default: bundled general text)")
+    pn.add_argument("--overwrite", action="store_true")
+    pn.set_defaults(fn=cmd_prune)
 
     u = sub.add_parser("ui", help="a local web dashboard: runs, live curves, compare, data masks, chat")
     u.add_argument("runs_dir", nargs="?", default="runs", help="the runs folder (default runs/)")
