@@ -215,7 +215,11 @@ def test_packed_loss_equals_unpacked_on_each_family(tokenizer, family):
     torch.testing.assert_close(packed.loss.detach(), total, rtol=1e-5, atol=1e-4)
     for n, p in model.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+            # A packed row sums its examples' gradients in another order than separate rows do: fp32
+            # rounding, relative to the gradient's own scale (GPT-2's embeddings reach ~18 here; one
+            # element differed by 4e-5 on an AMD EPYC). A leak between examples is orders larger.
+            scale = max(1.0, float(p.grad.abs().max()))
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5 * scale, msg=n)
 
 
 def test_packing_is_refused_where_examples_would_see_each_other(tokenizer, tmp_path):
