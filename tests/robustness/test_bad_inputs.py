@@ -408,14 +408,19 @@ def test_ctrl_c_while_the_model_loads_is_one_line(tmp_path, tiny_model_dir):
                                          "output_dir": str(tmp_path / "run"), "eval.reference": None})))
     root = Path(__file__).resolve().parents[2]
     p = subprocess.Popen([sys.executable, "-m", "sftkit", "train", str(cfg)], stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+                         env={**os.environ, "PYTHONPATH": str(root), "PYTHONFAULTHANDLER": "1"})
     t0 = time.time()
     while not (tmp_path / "run" / "config.yaml").exists():  # the run has started; the data is being read
         assert p.poll() is None and time.time() - t0 < 60
         time.sleep(0.01)
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say where it hung: faulthandler prints every thread's stack on SIGABRT
+        p.send_signal(signal.SIGABRT)
+        _, err = p.communicate(timeout=30)
+        raise AssertionError(f"no exit 60 s after SIGINT; the process's threads:\n{err[-6000:]}") from None
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "sftkit: interrupted (Ctrl-C)" in err
     assert train.read_text().count("\n") == 20000  # the input is intact
