@@ -200,6 +200,34 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class SetupInterrupt:
+    """Ctrl-C while the model and data load. The default handler raises KeyboardInterrupt wherever
+    Python happens to be, and where that is a finalizer (`__del__`, a weakref callback: plenty run
+    while thousands of rows are tokenized) Python prints "Exception ignored" and carries on: the run
+    would go on to train. So the signal is also remembered, and honoured before the first step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals to the caller
+            pass
+        return self
+
+    def _handle(self, sig, frame):
+        self.signal = sig
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        if self.signal is not None and exc[0] is None:  # raised where it was swallowed: raise it here
+            raise KeyboardInterrupt
+
+
 def _oom_advice(cfg: Config) -> str:
     return (f"out of memory at batch_size={cfg.train.batch_size}, data.max_length={cfg.data.max_length}, "
             f"peft.method={cfg.peft.method}. To use less: lower train.batch_size (raise train.grad_accum to keep "
@@ -369,9 +397,10 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
 
 
 def _train(cfg: Config, task, run: Run, on_eval, options: dict | None, t_start: float) -> RunResult:
-    job = task.prepare(cfg, run, **(options or {}))
-    _check_disk(run.dir, job.model, cfg)
-    engine = Engine(cfg, run, job)
+    with SetupInterrupt():
+        job = task.prepare(cfg, run, **(options or {}))
+        _check_disk(run.dir, job.model, cfg)
+        engine = Engine(cfg, run, job)
     result = RunResult(run_dir=run.dir, steps=engine.state["step"], final_loss=float("nan"))
     engine.loop(result, on_eval)
 

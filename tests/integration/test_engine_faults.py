@@ -209,3 +209,34 @@ def test_resume_after_max_length_was_capped(tmp_path, tiny_model_dir, chat_rows)
     train(load_config(None, d))
     r = train(load_config(None, {**d, "train.max_steps": 3}), resume=True)
     assert r.steps == 3
+
+
+def test_ctrl_c_swallowed_while_loading_still_stops_before_the_first_step(tmp_path, tiny_model_dir, monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside a finalizer ("Exception ignored"); the run must not
+    then train as if nothing happened."""
+    import os
+    import signal
+
+    from sftkit.tasks import sft
+
+    real = sft.prepare
+
+    def prepare_that_swallows(cfg, run, **kw):
+        try:  # what a finalizer running at the wrong moment does to the default handler's exception
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt:
+            pass
+        return real(cfg, run, **kw)
+
+    monkeypatch.setattr(sft, "prepare", prepare_that_swallows)
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
+    cfg = load_config(None, {"model.name": str(tiny_model_dir), "data.train": str(data), "train.max_steps": 3,
+                             "output_dir": str(tmp_path / "run")})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "stopped"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
