@@ -71,13 +71,12 @@ def final_eval_of_run(run_dir: Path, data: str, limit: int) -> dict | None:
         return None
     if not str(summary.get("final_weights", "")).startswith("last"):
         return None
+    from .report import _record
+
     last = None
     for line in open(run_dir / "metrics.jsonl", encoding="utf-8"):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if "eval_loss" in record:
+        record = _record(line)
+        if record is not None and "eval_loss" in record:
             last = record
     if last is None or last.get("step") != summary.get("steps") or "eval_accuracy" not in last:
         return None

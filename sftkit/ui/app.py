@@ -19,7 +19,6 @@ from starlette.staticfiles import StaticFiles
 from . import runs as R
 
 STATIC = Path(__file__).parent / "static"
-CURVES = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "forgetting")
 e = html.escape
 
 
