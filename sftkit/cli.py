@@ -470,6 +470,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill_cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .distill import build
+
+    cfg = load_config(args.config, args.overrides)
+    meta = build(cfg, Path(args.out), args.overwrite, args.batch_size)
+    print(f"cached the teacher's top {meta['k']} log-probs for {meta['tokens']:,} trained tokens of {meta['examples']:,} "
+          f"examples ({meta['bytes'] / 2**20:.1f} MiB) -> {args.out}; train with train.distill.teacher={args.out}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import serve
 
@@ -635,6 +647,17 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--data", metavar="CONFIG", help="score layers on this config's training rows (default: bundled general text)")
     pn.add_argument("--overwrite", action="store_true")
     pn.set_defaults(fn=cmd_prune)
+
+    ds = sub.add_parser("distill", help="distillation helpers: an offline cache of the teacher's top-k log-probs")
+    ds_sub = ds.add_subparsers(dest="distill_command", required=True)
+    dsc = ds_sub.add_parser("cache", help="run train.distill.teacher once over the training data; keep its top-k per "
+                                        "trained token (train.distill.top_k); then train.distill.teacher=DIR")
+    dsc.add_argument("config")
+    dsc.add_argument("overrides", nargs="*", help="config overrides, e.g. train.distill.top_k=32")
+    dsc.add_argument("--out", required=True, help="folder for the cache")
+    dsc.add_argument("--batch-size", type=int, default=16, help="rows per teacher pass")
+    dsc.add_argument("--overwrite", action="store_true")
+    dsc.set_defaults(fn=cmd_distill_cache)
 
     u = sub.add_parser("ui", help="a local web dashboard: runs, live curves, compare, data masks, chat")
     u.add_argument("runs_dir", nargs="?", default="runs", help="the runs folder (default runs/)")

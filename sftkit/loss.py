@@ -84,13 +84,16 @@ def _head_ce_kl(head, hidden, targets, base_hidden, coef: float):
 
 @dataclass
 class Distill:
-    """A teacher's next-token distributions to learn on trained tokens (train.distill)."""
+    """A teacher's next-token distributions to learn on trained tokens (train.distill): a model run
+    beside the student, or an offline cache of its top-k log-probs (sftkit.distill.TeacherCache,
+    looked up by the batch's `example_ids`)."""
 
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None
     weight: float = 0.5
     temperature: float = 1.0
     kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     top_k: int = 0
+    cache: object | None = None  # TeacherCache: lookup(example_ids, device) -> (log-probs, token ids), [tokens, k]
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -107,14 +110,41 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     t = F.log_softmax(teacher_logits.float() / temperature, -1)
     if top_k:
         t, idx = t.topk(min(top_k, t.shape[-1]), -1)
-        t = t - torch.logsumexp(t, -1, keepdim=True)
-        s = s.gather(-1, idx)
+        return _top_k_forward_kl(s, t, idx)
     if kind == "forward_kl":
         return (t.exp() * (t - s)).sum()
     if kind == "reverse_kl":
         return (s.exp() * (s - t)).sum()
     m = torch.logsumexp(torch.stack([s, t]), 0) - torch.log(torch.tensor(2.0))
     return 0.5 * (t.exp() * (t - m)).sum() + 0.5 * (s.exp() * (s - m)).sum()
+
+
+def _top_k_forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) with the teacher's mass on its top-k tokens `idx` only, renormalised
+    there; the student's log-probs are over its whole vocabulary (not renormalised)."""
+    t = teacher_logp - torch.logsumexp(teacher_logp, -1, keepdim=True)
+    return (t.exp() * (t - student_logp.gather(-1, idx))).sum()
+
+
+def cached_divergence(student_logits: torch.Tensor, teacher_logp: torch.Tensor, idx: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """forward_kl from an offline cache: the teacher's top-k log-probs taken at temperature 1 and their
+    token ids. Dividing them by the temperature and renormalising over the k gives exactly the top-k of
+    the teacher's distribution at that temperature, renormalised (the shift by the teacher's
+    log-partition cancels), so this equals divergence(..., top_k=k) from the teacher's logits."""
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    return _top_k_forward_kl(s, teacher_logp.float() / temperature, idx)
+
+
+def _cached_distilled(logits: torch.Tensor, targets: torch.Tensor, teacher_logp: torch.Tensor, idx: torch.Tensor,
+                      d: Distill):
+    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+    div = cached_divergence(logits, teacher_logp, idx, d.temperature)
+    return (1 - d.weight) * ce + d.weight * div, (logits.argmax(-1) == targets).sum()
+
+
+def _head_cached_distill(head, hidden, targets, teacher_logp, idx, d: Distill):
+    return _cached_distilled(head(hidden).float(), targets, teacher_logp, idx, d)
 
 
 def _distilled(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, d: Distill):
@@ -172,10 +202,13 @@ def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
 
 
 def _full_logits_loss(model, inputs: dict, targets: torch.Tensor, keep: torch.Tensor, kl_coef: float,
-                      frozen: torch.nn.Module | None, distill: Distill | None = None) -> LossSums:
+                      frozen: torch.nn.Module | None, distill: Distill | None = None, cached=None) -> LossSums:
     """The plain computation from the model's own logits, for models whose logits are transformed."""
     logits = model(**inputs).logits[:, :-1][keep].float()
     t = targets[keep]
+    if cached is not None:
+        loss, ok = _cached_distilled(logits, t, *cached, distill)
+        return LossSums(loss, int(t.numel()), int(ok))
     if distill is not None:
         with torch.no_grad():
             teacher_logits = _unwrap(distill.teacher)(**inputs).logits[:, :-1][keep].float()
@@ -224,9 +257,15 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     # building the block-diagonal mask out of the position ids.
     inputs["use_cache"] = False
     base = _unwrap(model)
-    teacher = _unwrap(distill.teacher) if distill is not None else None
+    teacher = _unwrap(distill.teacher) if distill is not None and distill.teacher is not None else None
+    cached = None
+    if distill is not None and distill.cache is not None:  # the teacher's top-k, in the order of `keep`
+        cached = distill.cache.lookup(batch["example_ids"], labels.device)
+        if len(cached[0]) != n:
+            raise RuntimeError(f"the distillation cache holds {len(cached[0])} trained tokens for this batch's "
+                               f"examples, the batch has {n}")
     if not head_is_logits(base, batch["input_ids"]) or (teacher is not None and not head_is_logits(teacher, batch["input_ids"])):
-        return _full_logits_loss(model, inputs, targets, keep, kl_coef, frozen_base, distill)
+        return _full_logits_loss(model, inputs, targets, keep, kl_coef, frozen_base, distill, cached)
     # Calling the decoder (not the whole model) skips the head over every position; LoRA layers
     # injected by peft live inside the decoder, so they are applied all the same.
     hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
@@ -234,6 +273,14 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     head = base.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = 0
+    if cached is not None:
+        for i in range(0, n, chunk_size):
+            sl = slice(i, i + chunk_size)
+            args = (head, hidden[sl], t[sl], cached[0][sl], cached[1][sl], distill)
+            loss, ok = checkpoint(_head_cached_distill, *args, use_reentrant=False) \
+                if torch.is_grad_enabled() and n > chunk_size else _head_cached_distill(*args)
+            total, correct = total + loss, correct + int(ok)
+        return LossSums(total, n, correct)
     if distill is not None:
         with torch.no_grad():
             teacher_h = teacher.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]

@@ -106,7 +106,8 @@ class Batcher:
 
     def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int,
                  pack: bool = False, max_length: int = 0, group_by_length: bool = True, rank: int = 0, world: int = 1,
-                 max_forward_tokens: int = 0, pad_multiple: int = 1, collate=None):
+                 max_forward_tokens: int = 0, pad_multiple: int = 1, collate=None, example_ids: bool = False):
+        self.example_ids = example_ids  # add each batch's example indices, in the order its tokens come
         self.pad_multiple = pad_multiple  # padded widths rounded up to this (fewer shapes for GPU kernels)
         self.collate = collate  # bins of examples -> a batch; default: packed or padded token rows
         self.examples, self.bs, self.ga, self.seed, self.pad_id, self.pack = examples, batch_size, grad_accum, seed, pad_id, pack
@@ -153,10 +154,13 @@ class Batcher:
             for part in self._split(units[k * self.bs : (k + 1) * self.bs]):
                 rows = [[self.examples[i] for i in self.units[u]] for u in part]
                 if self.collate is not None:
-                    out.append(self.collate(rows))
+                    batch = self.collate(rows)
                 else:
-                    out.append(pack_collate(rows, self.pad_id) if self.pack
-                               else pad_collate([r[0] for r in rows], self.pad_id, self.pad_multiple))
+                    batch = (pack_collate(rows, self.pad_id) if self.pack
+                             else pad_collate([r[0] for r in rows], self.pad_id, self.pad_multiple))
+                if self.example_ids:  # e.g. to find the examples' cached teacher log-probs (sftkit.distill)
+                    batch["example_ids"] = torch.tensor([i for u in part for i in self.units[u]])
+                out.append(batch)
         return out
 
     def _split(self, units: list[int]) -> list[list[int]]:

@@ -79,19 +79,47 @@ def tokenizer_difference(student, teacher) -> str | None:
     return None
 
 
-def load_teacher(cfg: Config, tok, device) -> Distill | None:
-    """The teacher (train.distill.teacher: a model name, directory or run), frozen, in eval mode,
-    refused when its tokenizer differs from the student's."""
+def teacher_model_path(name: str) -> str:
+    """A model name or directory as given; a run directory stands for its final model."""
+    return str(Path(name) / "final" / "model") if (Path(name) / "final" / "model").is_dir() else name
+
+
+def load_teacher(cfg: Config, tok, device, model, examples: list) -> Distill | None:
+    """The teacher (train.distill.teacher): a model name, directory or run, frozen, in eval mode; or an
+    offline cache made by `sftkit distill cache`, bound to this run's training examples. Refused when
+    its tokenizer differs from the student's, or when the cache was made from other data."""
+    from ..distill import TeacherCache, data_section, is_cache
+
     d = cfg.train.distill
     if d.teacher is None:
         return None
-    name = d.teacher
-    if (Path(name) / "final" / "model").is_dir():  # a run directory: its final model
-        name = str(Path(name) / "final" / "model")
-    difference = tokenizer_difference(tok, load_tokenizer(name))
+    cached = is_cache(d.teacher)
+    name = d.teacher if cached else teacher_model_path(d.teacher)
+    if cached:  # the teacher's tokenizer, saved with the cache
+        from transformers import AutoTokenizer
+
+        teacher_tok = AutoTokenizer.from_pretrained(name)
+    else:
+        teacher_tok = load_tokenizer(name)
+    difference = tokenizer_difference(tok, teacher_tok)
     if difference:
         raise ConfigError(f"train.distill.teacher {d.teacher}: its tokenizer is not the student's ({cfg.model.name}): "
                           f"{difference}; distillation compares next-token distributions token by token")
+    if cached:
+        if d.loss != "forward_kl":
+            raise ConfigError(f"train.distill.loss={d.loss}: a cache of the teacher's top-k log-probs gives forward_kl "
+                              "only (the other divergences need its whole distribution); set train.distill.loss=forward_kl")
+        cache = TeacherCache(d.teacher, d.top_k)
+        width = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
+            else model.config.vocab_size
+        if cache.vocab > width:
+            raise ConfigError(f"train.distill.teacher {d.teacher}: the cached teacher scores {cache.vocab} tokens, the "
+                              f"student's output layer {width}")
+        cache.bind(examples, data_section(cfg))
+        log(f"distilling from the cache {d.teacher} (teacher {cache.meta['teacher']}, top {cache.use} of "
+            f"{cache.meta['vocab']} tokens, {cache.meta['tokens']:,} trained tokens; weight {d.weight}, "
+            f"temperature {d.temperature})")
+        return Distill(None, d.weight, d.temperature, d.loss, cache.use, cache=cache)
     log(f"loading teacher {d.teacher} (distillation: {d.loss}, weight {d.weight}, temperature {d.temperature}"
         + (f", top {d.top_k}" if d.top_k else "") + ")")
     teacher, _ = load_model(name, cfg.model.dtype)
@@ -140,13 +168,14 @@ def prepare(cfg: Config, run: Run) -> Job:
         model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+    distill = load_teacher(cfg, tok, run.device, model, train_ex)
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
                       cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length, rank=run.rank, world=run.world,
-                      max_forward_tokens=forward_tokens(cfg), pad_multiple=pad_multiple())
+                      max_forward_tokens=forward_tokens(cfg), pad_multiple=pad_multiple(),
+                      example_ids=distill is not None and distill.cache is not None)
     if cfg.data.pack:
         log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
             f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
-    distill = load_teacher(cfg, tok, run.device)
     return Job(model=model, loss=TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen, distill=distill),
                batcher=batcher,
                units=trained_tokens, state={"base_ref_ppl": base_ref_ppl},

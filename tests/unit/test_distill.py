@@ -90,3 +90,18 @@ def test_a_teacher_with_another_tokenizer_is_named_with_the_first_difference(tok
 def test_bad_distillation_settings_stop_before_anything_is_written(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("|", r"\|")):
         check(load_config(None, {"train.distill.teacher": "x", **override}))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_cached_divergence_from_top_k_log_probs_equals_top_k_from_the_teachers_logits(temperature):
+    from sftkit.loss import cached_divergence
+
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 40), torch.randn(6, 40) * 2
+    for k in (5, 40):
+        logp, idx = torch.log_softmax(t, -1).topk(k, -1)  # what the cache stores: temperature 1
+        want = divergence(s, t, temperature, "forward_kl", top_k=k)
+        assert float(cached_divergence(s, logp, idx, temperature)) == pytest.approx(float(want), rel=1e-6)
+    full = divergence(s, t, temperature, "forward_kl")
+    logp, idx = torch.log_softmax(t, -1).topk(40, -1)
+    assert float(cached_divergence(s, logp, idx, temperature)) == pytest.approx(float(full), rel=1e-6)
