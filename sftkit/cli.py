@@ -482,6 +482,23 @@ def cmd_distill_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .synth import SynthSettings, synth
+
+    settings = SynthSettings(
+        seeds=args.seeds, model=args.model, n=args.n, out=Path(args.out), answer_model=args.answer_model, eval=args.eval,
+        reward=args.reward, best_of=args.best_of, shots=args.shots, temperature=args.temperature, top_p=args.top_p,
+        answer_temperature=args.answer_temperature, max_new_tokens=args.max_new_tokens, answer_tokens=args.answer_tokens,
+        batch_size=args.batch_size, seed=args.seed, max_candidates=args.max_candidates)
+    done = synth(settings)
+    why = ", ".join(f"{n} {r}" for r, n in sorted(done["rejected_now"].items(), key=lambda x: -x[1])) or "none"
+    print(f"{done['kept']} rows in {done['out']} ({done['candidates']} candidates in all); rejected this time: {why} "
+          f"(each with its reason in {done['rejected']})")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import serve
 
@@ -658,6 +675,28 @@ def build_parser() -> argparse.ArgumentParser:
     dsc.add_argument("--batch-size", type=int, default=16, help="rows per teacher pass")
     dsc.add_argument("--overwrite", action="store_true")
     dsc.set_defaults(fn=cmd_distill_cache)
+
+    sy = sub.add_parser("synth", help="self-instruct: a model writes new tasks from seed tasks and answers them; "
+                                      "filtered (ROUGE-L, lint, eval overlap); re-run to continue")
+    sy.add_argument("--seeds", required=True, help="seed tasks (JSONL: alpaca instruction/input/output, prompt/completion "
+                                                   "or messages; an `id` field names a seed)")
+    sy.add_argument("--model", default="smollm2-135m", help="writes the new tasks: alias, model directory or run")
+    sy.add_argument("--n", type=int, required=True, help="rows to end with in --out (counting what it holds)")
+    sy.add_argument("--out", required=True, help="JSONL of kept rows; rejected.jsonl is written beside it")
+    sy.add_argument("--answer-model", help="answers the tasks (default: --model)")
+    sy.add_argument("--eval", metavar="FILE", help="held-out rows no synthetic row may nearly duplicate or share a 13-gram with")
+    sy.add_argument("--reward", metavar="REWARD_RUN", help="with --best-of N: the reward model that picks the answer")
+    sy.add_argument("--best-of", type=int, default=1, metavar="N", help="sampled answers per task (needs --reward)")
+    sy.add_argument("--shots", type=int, default=3, help="example tasks in each prompt (one from those kept, once there are some)")
+    sy.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for new tasks")
+    sy.add_argument("--top-p", type=float, default=0.95)
+    sy.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy answers; > 0 with --best-of")
+    sy.add_argument("--max-new-tokens", type=int, default=64, help="tokens for a new task")
+    sy.add_argument("--answer-tokens", type=int, default=256, help="tokens for an answer")
+    sy.add_argument("--batch-size", type=int, default=16, help="candidates per batch (work is saved after each)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--max-candidates", type=int, default=0, help="give up after this many candidates (0 = 20 x --n)")
+    sy.set_defaults(fn=cmd_synth)
 
     u = sub.add_parser("ui", help="a local web dashboard: runs, live curves, compare, data masks, chat")
     u.add_argument("runs_dir", nargs="?", default="runs", help="the runs folder (default runs/)")

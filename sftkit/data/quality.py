@@ -116,15 +116,43 @@ def normalised(row: Row) -> str:
     return " ".join(_PUNCT_RE.sub(" ", (prompt + " " + reply).lower()).split())
 
 
+def shingles_of(row: Row, shingle: int = 3) -> set[bytes]:
+    words = normalised(row).split()
+    return {" ".join(words[j : j + shingle]).encode("utf-8") for j in range(max(1, len(words) - shingle + 1))}
+
+
+class NearIndex:
+    """Rows to look a new row up against: its near duplicate among them (MinHash Jaccard about
+    `threshold` or more, as near_duplicates), or one sharing a word n-gram (as contaminated)."""
+
+    def __init__(self, rows: list[Row], threshold: float = 0.8, n: int = 13, num_perm: int = 64, shingle: int = 3):
+        from datasketch import MinHash, MinHashLSH
+
+        self.rows, self.n, self.num_perm, self.shingle = rows, n, num_perm, shingle
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self._minhash = MinHash
+        for i, m in enumerate(MinHash.bulk([shingles_of(r, shingle) for r in rows], num_perm=num_perm)):
+            self.lsh.insert(str(i), m)
+        self.owner: dict[int, int] = {}
+        for j, r in enumerate(rows):
+            for g in ngrams(" ".join(row_texts(r)), n):
+                self.owner.setdefault(g, j)
+
+    def near(self, row: Row) -> int | None:
+        m = self._minhash.bulk([shingles_of(row, self.shingle)], num_perm=self.num_perm)[0]
+        hits = self.lsh.query(m)
+        return min(int(h) for h in hits) if hits else None
+
+    def overlap(self, row: Row) -> int | None:
+        return next((self.owner[g] for g in ngrams(" ".join(row_texts(row)), self.n) if g in self.owner), None)
+
+
 def near_duplicates(rows: list[Row], threshold: float = 0.8, num_perm: int = 64, shingle: int = 3) -> list[list[int]]:
     """Clusters (row indices) whose word-shingle Jaccard similarity is about `threshold` or more (MinHash LSH)."""
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    shingles = []
-    for r in rows:
-        words = normalised(r).split()
-        shingles.append({" ".join(words[j : j + shingle]).encode("utf-8") for j in range(max(1, len(words) - shingle + 1))})
+    shingles = [shingles_of(r, shingle) for r in rows]
     hashes = MinHash.bulk(shingles, num_perm=num_perm)  # vectorised: several times faster than one by one
     with lsh.insertion_session() as session:
         for i, m in enumerate(hashes):
