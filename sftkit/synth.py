@@ -55,7 +55,8 @@ def clean_instruction(text: str) -> str:
     trailing next item."""
     text = text.strip()
     text = re.split(r"\n\s*\n|\n\s*(?:task\s*)?\d+\s*[.:)]", text, maxsplit=1, flags=re.IGNORECASE)[0]
-    text = _NUMBERING.sub("", text.strip(), count=1).strip()
+    for _ in range(3):  # "4. Task 4: ..." holds two
+        text = _NUMBERING.sub("", text.strip(), count=1).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return text

@@ -28,6 +28,7 @@ def chat(user, reply="", source="eval.jsonl", line=1):
     ("- Describe a sunset in one sentence.", "Describe a sunset in one sentence."),
     ("One new task: Name a bird that cannot fly.", "Name a bird that cannot fly."),
     ("Write task 4: Explain what rain is.", "Explain what rain is."),
+    ("4. One new task: Explain what snow is.", "Explain what snow is."),
 ])
 def test_the_written_task_is_cut_to_the_task(raw, want):
     assert clean_instruction(raw) == want
