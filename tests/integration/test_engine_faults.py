@@ -235,8 +235,15 @@ def test_ctrl_c_swallowed_while_loading_still_stops_before_the_first_step(tmp_pa
     data.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
     cfg = load_config(None, {"model.name": str(tiny_model_dir), "data.train": str(data), "train.max_steps": 3,
                              "output_dir": str(tmp_path / "run")})
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
+    # As in a terminal: a job started in the background by a non-interactive shell (nohup ... &) starts with
+    # SIGINT ignored, which the assertion below would otherwise read.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or (tmp_path / "run" / "metrics.jsonl").read_text() == ""
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "stopped"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert restored is signal.default_int_handler  # the handler is put back

@@ -74,3 +74,23 @@ def test_best_of_n_needs_a_reward_and_sampling(tiny_model_dir, tmp_path, capsys)
     assert main(["generate", str(tiny_model_dir), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
                  "--best-of", "3"]) == 2
     assert "--best-of N needs N >= 2 and --reward REWARD_RUN" in capsys.readouterr().err
+
+
+def test_synth_best_of_n_keeps_the_answer_the_reward_model_scores_highest(reward_run, tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    from sftkit.tasks.reward import Scorer
+
+    seeds = Path(__file__).resolve().parents[2] / "examples" / "synth" / "seed_tasks.jsonl"
+    out = tmp_path / "synth.jsonl"
+    assert main(["synth", "--seeds", str(seeds), "--model", str(tiny_model_dir), "--out", str(out), "--n", "3",
+                 "--batch-size", "4", "--max-new-tokens", "20", "--answer-tokens", "8", "--reward", str(reward_run.run_dir),
+                 "--best-of", "3", "--answer-temperature", "1.0"]) == 0
+    rows = [json.loads(x) for x in open(out)]
+    scorer = Scorer(str(reward_run.run_dir))
+    for row in rows:
+        p = row["provenance"]
+        assert p["reward"] == str(reward_run.run_dir) and p["answer_sampling"]["best_of"] == 3 and len(p["scores"]) == 3
+        kept = scorer.score([(row["messages"][:1], row["messages"][1:])])[0]
+        assert kept == pytest.approx(max(p["scores"]), abs=1e-4)  # the kept answer is the argmax
+        assert len(set(p["scores"])) > 1  # three different samples, really scored
