@@ -235,8 +235,8 @@ def test_ctrl_c_swallowed_while_loading_still_stops_before_the_first_step(tmp_pa
     data.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
     cfg = load_config(None, {"model.name": str(tiny_model_dir), "data.train": str(data), "train.max_steps": 3,
                              "output_dir": str(tmp_path / "run")})
-    # As in a terminal: a job started in the background by a non-interactive shell (nohup ... &) starts with
-    # SIGINT ignored, which the assertion below would otherwise read.
+    # The handler a terminal gives; a job started in the background by a non-interactive shell (nohup ... &)
+    # starts with SIGINT ignored instead, and the trainer rightly puts that back.
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
