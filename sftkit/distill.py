@@ -129,7 +129,7 @@ def build(cfg: Config, out: Path, overwrite: bool = False, batch_size: int = 16)
     from .data.packing import pad_collate
     from .loss import head_is_logits
     from .models import load_model, load_tokenizer
-    from .tasks.sft import teacher_model_path, tokenizer_difference
+    from .tasks.sft import check_teacher_tokenizer, output_width, teacher_model_path
     from .trainer import cap_max_length, log
 
     d = cfg.train.distill
@@ -146,10 +146,7 @@ def build(cfg: Config, out: Path, overwrite: bool = False, batch_size: int = 16)
         raise ConfigError(f"distill cache: {out} exists and is not empty; choose another --out or pass --overwrite")
     name = teacher_model_path(d.teacher)
     tok = load_tokenizer(cfg.model.name, cfg.model.revision)
-    difference = tokenizer_difference(tok, load_tokenizer(name))
-    if difference:
-        raise ConfigError(f"train.distill.teacher {d.teacher}: its tokenizer is not the student's ({cfg.model.name}): "
-                          f"{difference}; distillation compares next-token distributions token by token")
+    check_teacher_tokenizer(cfg, tok, load_tokenizer(name))
     log(f"loading teacher {d.teacher}")
     teacher, _ = load_model(name, cfg.model.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,8 +165,7 @@ def build(cfg: Config, out: Path, overwrite: bool = False, batch_size: int = 16)
     counts = [len(trained_positions(e)) for e in examples]
     offsets = np.zeros(len(examples) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(counts)
-    vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
-        else teacher.config.vocab_size
+    vocab = output_width(teacher)
     index_dtype = np.uint16 if vocab <= 65536 else np.int32
     k = min(d.top_k, vocab)
     tmp = out.with_name(out.name + ".partial")

@@ -136,30 +136,25 @@ def cached_divergence(student_logits: torch.Tensor, teacher_logp: torch.Tensor, 
     return _top_k_forward_kl(s, teacher_logp.float() / temperature, idx)
 
 
-def _cached_distilled(logits: torch.Tensor, targets: torch.Tensor, teacher_logp: torch.Tensor, idx: torch.Tensor,
-                      d: Distill):
+def _distilled(logits: torch.Tensor, targets: torch.Tensor, d: Distill, teacher):
+    """(1 - weight) * NLL + weight * divergence, summed. `teacher`: its logits, compared over the shared
+    vocabulary (a model may pad its output layer beyond the tokenizer), or an offline cache's top-k
+    (log-probs, token ids)."""
     ce = F.cross_entropy(logits.float(), targets, reduction="sum")
-    div = cached_divergence(logits, teacher_logp, idx, d.temperature)
+    if isinstance(teacher, tuple):
+        div = cached_divergence(logits, *teacher, d.temperature)
+    else:
+        v = min(logits.shape[-1], teacher.shape[-1])
+        div = divergence(logits[:, :v], teacher[:, :v], d.temperature, d.kind, d.top_k)
     return (1 - d.weight) * ce + d.weight * div, (logits.argmax(-1) == targets).sum()
 
 
-def _head_cached_distill(head, hidden, targets, teacher_logp, idx, d: Distill):
-    return _cached_distilled(head(hidden).float(), targets, teacher_logp, idx, d)
-
-
-def _distilled(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, d: Distill):
-    """(1 - weight) * NLL + weight * divergence, summed; logits compared over the shared vocabulary
-    (a model may pad its output layer beyond the tokenizer)."""
-    v = min(logits.shape[-1], teacher_logits.shape[-1])
-    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
-    div = divergence(logits[:, :v], teacher_logits[:, :v], d.temperature, d.kind, d.top_k)
-    return (1 - d.weight) * ce + d.weight * div, (logits.argmax(-1) == targets).sum()
-
-
-def _head_distill(head, hidden, targets, teacher_head, teacher_hidden, d: Distill):
-    with torch.no_grad():
-        teacher_logits = teacher_head(teacher_hidden).float()
-    return _distilled(head(hidden).float(), targets, teacher_logits, d)
+def _head_distill(head, hidden, targets, d: Distill, teacher):
+    """`teacher`: (its output layer, its hidden states), run here without gradients, or a cache's top-k."""
+    if isinstance(teacher[0], torch.nn.Module):
+        with torch.no_grad():
+            teacher = teacher[0](teacher[1]).float()
+    return _distilled(head(hidden).float(), targets, d, teacher)
 
 
 def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
@@ -203,16 +198,16 @@ def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
 
 def _full_logits_loss(model, inputs: dict, targets: torch.Tensor, keep: torch.Tensor, kl_coef: float,
                       frozen: torch.nn.Module | None, distill: Distill | None = None, cached=None) -> LossSums:
-    """The plain computation from the model's own logits, for models whose logits are transformed."""
+    """The plain computation from the model's own logits, for models whose logits are transformed.
+    `cached`: the batch's top-k from an offline teacher cache, when distilling from one."""
     logits = model(**inputs).logits[:, :-1][keep].float()
     t = targets[keep]
-    if cached is not None:
-        loss, ok = _cached_distilled(logits, t, *cached, distill)
-        return LossSums(loss, int(t.numel()), int(ok))
     if distill is not None:
-        with torch.no_grad():
-            teacher_logits = _unwrap(distill.teacher)(**inputs).logits[:, :-1][keep].float()
-        loss, ok = _distilled(logits, t, teacher_logits, distill)
+        teacher = cached
+        if teacher is None:
+            with torch.no_grad():
+                teacher = _unwrap(distill.teacher)(**inputs).logits[:, :-1][keep].float()
+        loss, ok = _distilled(logits, t, distill, teacher)
         return LossSums(loss, int(t.numel()), int(ok))
     loss = F.cross_entropy(logits, t, reduction="sum")
     if kl_coef > 0:
@@ -273,21 +268,15 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     head = base.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = 0
-    if cached is not None:
-        for i in range(0, n, chunk_size):
-            sl = slice(i, i + chunk_size)
-            args = (head, hidden[sl], t[sl], cached[0][sl], cached[1][sl], distill)
-            loss, ok = checkpoint(_head_cached_distill, *args, use_reentrant=False) \
-                if torch.is_grad_enabled() and n > chunk_size else _head_cached_distill(*args)
-            total, correct = total + loss, correct + int(ok)
-        return LossSums(total, n, correct)
     if distill is not None:
-        with torch.no_grad():
-            teacher_h = teacher.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
-        teacher_head = teacher.get_output_embeddings()
+        if cached is None:
+            with torch.no_grad():
+                teacher_h = teacher.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
+            teacher_head = teacher.get_output_embeddings()
         for i in range(0, n, chunk_size):
             sl = slice(i, i + chunk_size)
-            args = (head, hidden[sl], t[sl], teacher_head, teacher_h[sl], distill)
+            part = (cached[0][sl], cached[1][sl]) if cached is not None else (teacher_head, teacher_h[sl])
+            args = (head, hidden[sl], t[sl], distill, part)
             loss, ok = checkpoint(_head_distill, *args, use_reentrant=False) \
                 if torch.is_grad_enabled() and n > chunk_size else _head_distill(*args)
             total, correct = total + loss, correct + int(ok)

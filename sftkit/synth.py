@@ -87,6 +87,9 @@ class Pool:
     def add(self, task_id: str, instruction: str) -> None:
         self.tasks.append((task_id, instruction))
 
+    def remove(self, task_id: str) -> None:
+        self.tasks = [t for t in self.tasks if t[0] != task_id]
+
     def too_close(self, instruction: str, limit: float = ROUGE_LIMIT) -> str | None:
         best, who = max(((rouge_l(instruction, t), i) for i, t in self.tasks), default=(0.0, ""))
         return f"rouge-l: {best:.2f} against {who} (limit {limit})" if best >= limit else None
@@ -180,6 +183,17 @@ def check(s: SynthSettings) -> None:
         raise ConfigError("synth: new tasks are sampled: --temperature > 0 and 0 < --top-p <= 1")
 
 
+def draw(number: int, seeds: list[tuple[str, str, Row]], kept: list[tuple[str, str]], s: SynthSettings) -> Candidate:
+    """Candidate `number`: its example tasks drawn (by its number alone, so a re-run draws the same) from
+    the seeds and, once there are some, the kept tasks."""
+    rng = random.Random(s.seed * 1_000_003 + number)
+    n_kept = min(s.machine_shots, len(kept), s.shots - 1)
+    shown = rng.sample(kept, n_kept) if n_kept else []
+    shown = rng.sample([(i, t) for i, t, _ in seeds], min(s.shots - n_kept, len(seeds))) + shown
+    rng.shuffle(shown)
+    return Candidate(number, [i for i, _ in shown], task_prompt([t for _, t in shown]))
+
+
 def synth(s: SynthSettings) -> dict:
     """Run to s.n kept rows (continuing what s.out holds); returns the counts."""
     from tqdm.auto import tqdm
@@ -194,11 +208,8 @@ def synth(s: SynthSettings) -> dict:
     s.out.parent.mkdir(parents=True, exist_ok=True)
     kept_rows, rejected_rows = read_jsonl(s.out), read_jsonl(rejected_path)
     pool = initial_pool(seeds)
-    machine: list[tuple[str, str]] = []
     for row in kept_rows:
-        task_id = f"synth:{row['provenance']['candidate']}"
-        pool.add(task_id, row["messages"][0]["content"])
-        machine.append((task_id, row["messages"][0]["content"]))
+        pool.add(f"synth:{row['provenance']['candidate']}", row["messages"][0]["content"])
     done = len(kept_rows) + len(rejected_rows)
     next_number = 1 + max([r["provenance"]["candidate"] for r in kept_rows + rejected_rows], default=-1)
     limit = s.max_candidates or 20 * s.n
@@ -232,14 +243,8 @@ def synth(s: SynthSettings) -> dict:
                 bar.close()
                 raise ConfigError(f"synth: {done} candidates tried, {len(kept_rows)} kept, short of --n {s.n}; "
                                   f"see {rejected_path} for why; raise --max-candidates or change the model or seeds")
-            batch = []
-            for number in range(next_number, next_number + s.batch_size):
-                rng = random.Random(s.seed * 1_000_003 + number)
-                n_machine = min(s.machine_shots, len(machine), s.shots - 1)
-                shown = rng.sample(machine, n_machine) if n_machine else []
-                shown = rng.sample([(i, t) for i, t, _ in seeds], min(s.shots - n_machine, len(seeds))) + shown
-                rng.shuffle(shown)
-                batch.append(Candidate(number, [i for i, _ in shown], task_prompt([t for _, t in shown])))
+            kept_tasks = [t for t in pool.tasks if t[0].startswith("synth:")]
+            batch = [draw(number, seeds, kept_tasks, s) for number in range(next_number, next_number + s.batch_size)]
             next_number += s.batch_size
             raws = generate(model, renderer, [c.prompt for c in batch], s.max_new_tokens,
                             s.batch_size, temperature=s.temperature, top_p=s.top_p, seed=s.seed * 1_000_003 + batch[0].number)
@@ -260,7 +265,7 @@ def synth(s: SynthSettings) -> dict:
                 row_filters(live, answer_renderer.tok, answer_renderer.max_length, eval_index)
                 for c in live:
                     if c.reason is not None:  # out of the pool again: a rejected task constrains nothing
-                        pool.tasks = [t for t in pool.tasks if t[0] != f"synth:{c.number}"]
+                        pool.remove(f"synth:{c.number}")
             for c in batch:
                 prov = {**provenance_common, "candidate": c.number, "seed_ids": c.seeds}
                 if c.reason is None and len(kept_rows) < s.n:
@@ -270,12 +275,11 @@ def synth(s: SynthSettings) -> dict:
                                         {"role": "assistant", "content": c.answer}], "provenance": prov}
                     kept_f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     kept_rows.append(row)
-                    machine.append((f"synth:{c.number}", c.instruction))
                     bar.update(1)
                 else:
                     reason = c.reason or "not needed: --n reached in this batch"
                     if c.reason is None:
-                        pool.tasks = [t for t in pool.tasks if t[0] != f"synth:{c.number}"]
+                        pool.remove(f"synth:{c.number}")
                     key = reason.split(":")[0]
                     reasons[key] = reasons.get(key, 0) + 1
                     rej_f.write(json.dumps({"reason": reason, "instruction": c.instruction, "raw": c.raw,

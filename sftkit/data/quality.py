@@ -130,16 +130,14 @@ class NearIndex:
 
         self.rows, self.n, self.num_perm, self.shingle = rows, n, num_perm, shingle
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._minhash = MinHash
         for i, m in enumerate(MinHash.bulk([shingles_of(r, shingle) for r in rows], num_perm=num_perm)):
             self.lsh.insert(str(i), m)
-        self.owner: dict[int, int] = {}
-        for j, r in enumerate(rows):
-            for g in ngrams(" ".join(row_texts(r)), n):
-                self.owner.setdefault(g, j)
+        self.owner = ngram_owners(rows, n)
 
     def near(self, row: Row) -> int | None:
-        m = self._minhash.bulk([shingles_of(row, self.shingle)], num_perm=self.num_perm)[0]
+        from datasketch import MinHash
+
+        m = MinHash.bulk([shingles_of(row, self.shingle)], num_perm=self.num_perm)[0]
         hits = self.lsh.query(m)
         return min(int(h) for h in hits) if hits else None
 
@@ -181,12 +179,18 @@ def ngrams(text: str, n: int) -> set[int]:
     return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
 
 
-def contaminated(train: list[Row], tests: list[Row], n: int = 13) -> list[tuple[int, int]]:
-    """(train index, test index) pairs sharing at least one word n-gram (13 by default, as GPT-3 did)."""
+def ngram_owners(rows: list[Row], n: int) -> dict[int, int]:
+    """Each word n-gram of the rows -> the first row holding it."""
     owner: dict[int, int] = {}
-    for j, r in enumerate(tests):
+    for j, r in enumerate(rows):
         for g in ngrams(" ".join(row_texts(r)), n):
             owner.setdefault(g, j)
+    return owner
+
+
+def contaminated(train: list[Row], tests: list[Row], n: int = 13) -> list[tuple[int, int]]:
+    """(train index, test index) pairs sharing at least one word n-gram (13 by default, as GPT-3 did)."""
+    owner = ngram_owners(tests, n)
     hits = []
     for i, r in enumerate(train):
         for g in ngrams(" ".join(row_texts(r)), n):

@@ -79,6 +79,19 @@ def tokenizer_difference(student, teacher) -> str | None:
     return None
 
 
+def check_teacher_tokenizer(cfg: Config, tok, teacher_tok) -> None:
+    difference = tokenizer_difference(tok, teacher_tok)
+    if difference:
+        raise ConfigError(f"train.distill.teacher {cfg.train.distill.teacher}: its tokenizer is not the student's "
+                          f"({cfg.model.name}): {difference}; distillation compares next-token distributions token by token")
+
+
+def output_width(model) -> int:
+    """Rows of the model's output layer (the vocabulary it scores, padding included)."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.vocab_size
+
+
 def teacher_model_path(name: str) -> str:
     """A model name or directory as given; a run directory stands for its final model."""
     return str(Path(name) / "final" / "model") if (Path(name) / "final" / "model").is_dir() else name
@@ -93,25 +106,15 @@ def load_teacher(cfg: Config, tok, device, model, examples: list) -> Distill | N
     d = cfg.train.distill
     if d.teacher is None:
         return None
-    cached = is_cache(d.teacher)
-    name = d.teacher if cached else teacher_model_path(d.teacher)
-    if cached:  # the teacher's tokenizer, saved with the cache
+    if is_cache(d.teacher):
         from transformers import AutoTokenizer
 
-        teacher_tok = AutoTokenizer.from_pretrained(name)
-    else:
-        teacher_tok = load_tokenizer(name)
-    difference = tokenizer_difference(tok, teacher_tok)
-    if difference:
-        raise ConfigError(f"train.distill.teacher {d.teacher}: its tokenizer is not the student's ({cfg.model.name}): "
-                          f"{difference}; distillation compares next-token distributions token by token")
-    if cached:
+        check_teacher_tokenizer(cfg, tok, AutoTokenizer.from_pretrained(d.teacher))  # saved with the cache
         if d.loss != "forward_kl":
             raise ConfigError(f"train.distill.loss={d.loss}: a cache of the teacher's top-k log-probs gives forward_kl "
                               "only (the other divergences need its whole distribution); set train.distill.loss=forward_kl")
         cache = TeacherCache(d.teacher, d.top_k)
-        width = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
-            else model.config.vocab_size
+        width = output_width(model)
         if cache.vocab > width:
             raise ConfigError(f"train.distill.teacher {d.teacher}: the cached teacher scores {cache.vocab} tokens, the "
                               f"student's output layer {width}")
@@ -120,6 +123,8 @@ def load_teacher(cfg: Config, tok, device, model, examples: list) -> Distill | N
             f"{cache.meta['vocab']} tokens, {cache.meta['tokens']:,} trained tokens; weight {d.weight}, "
             f"temperature {d.temperature})")
         return Distill(None, d.weight, d.temperature, d.loss, cache.use, cache=cache)
+    name = teacher_model_path(d.teacher)
+    check_teacher_tokenizer(cfg, tok, load_tokenizer(name))
     log(f"loading teacher {d.teacher} (distillation: {d.loss}, weight {d.weight}, temperature {d.temperature}"
         + (f", top {d.top_k}" if d.top_k else "") + ")")
     teacher, _ = load_model(name, cfg.model.dtype)

@@ -105,3 +105,32 @@ def test_the_cached_divergence_from_top_k_log_probs_equals_top_k_from_the_teache
     full = divergence(s, t, temperature, "forward_kl")
     logp, idx = torch.log_softmax(t, -1).topk(40, -1)
     assert float(cached_divergence(s, logp, idx, temperature)) == pytest.approx(float(full), rel=1e-6)
+
+
+class TopKCache:
+    """What sftkit.distill.TeacherCache.lookup gives, made from a teacher's logits on one batch."""
+
+    def __init__(self, teacher, batch, k):
+        keep = batch["labels"][:, 1:] != IGNORE
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["input_ids"]).logits[:, :-1][keep]
+        self.logp, self.idx = torch.log_softmax(logits.float(), -1).topk(k, -1)
+
+    def lookup(self, example_ids, device):
+        return self.logp, self.idx
+
+
+def test_a_model_whose_logits_are_not_its_head_takes_the_full_logits_path_with_the_same_distilled_loss(tokenizer):
+    """Models with a logit cap or scale (Gemma-2, Cohere) are scored from their own logits: the distilled
+    loss, online and from a cache, equals the chunked head path's."""
+    batch = batch_of(tokenizer)
+    batch["example_ids"] = torch.tensor([0, 1])
+    teacher = make_tiny_llama(tokenizer, seed=1).eval()
+    for d in (Distill(teacher, weight=0.4, temperature=2.0, kind="jsd"),
+              Distill(None, weight=0.4, temperature=2.0, top_k=7, cache=TopKCache(teacher, batch, 7))):
+        chunked = token_loss(make_tiny_llama(tokenizer, seed=0), batch, chunk_size=4, distill=d)
+        student = make_tiny_llama(tokenizer, seed=0)
+        student._sftkit_head_is_logits = False  # as head_is_logits finds for a capped model
+        full = token_loss(student, batch, distill=d)
+        assert float(full.loss) == pytest.approx(float(chunked.loss), rel=1e-5)
+        assert full.tokens == chunked.tokens and full.correct == chunked.correct
