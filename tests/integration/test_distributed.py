@@ -130,3 +130,28 @@ def test_sigterm_to_one_rank_saves_on_both_and_resumes_exactly(cfg, tmp_path):
     assert checkpoint.read_meta(ckpt)["step"] == done and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
     sftkit(cfg, "--nproc", "2", "--resume", f"output_dir={run}", *long)
     assert losses(run) == losses(tmp_path / "ref")
+
+
+def test_two_processes_distilling_from_a_cache_give_the_losses_of_one(cfg, tmp_path, tokenizer):
+    """Each rank looks up its own share of the step's examples in the cache (sftkit.distill)."""
+    import torch
+
+    from sftkit.config import load_config
+    from sftkit.distill import build
+
+    from ..conftest import make_tiny_llama
+
+    teacher = tmp_path / "teacher"
+    model = make_tiny_llama(tokenizer, seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40)  # sharp distributions: a row looked up for the wrong example shows
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    build(load_config(cfg, {"train.distill.teacher": str(teacher), "train.distill.top_k": 16}), tmp_path / "cache")
+    common = [f"train.distill.teacher={tmp_path / 'cache'}", "train.distill.weight=0.8", "train.max_steps=4",
+              "train.save_every=0", "data.pack=true"]
+    sftkit(cfg, "--nproc", "2", f"output_dir={tmp_path / 'two'}", *common)
+    sftkit(cfg, f"output_dir={tmp_path / 'one'}", "train.batch_size=4", *common)
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(two) == len(one) == 4
+    assert all(abs(a - b) < 1e-5 for a, b in zip(two, one)), (two, one)
