@@ -59,6 +59,9 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     # longer than it must see only the last `window` keys, as the unpacked model does.
     window = kwargs.get("sliding_window")
     window = int(window) if isinstance(window, int) and window > 0 else None
+    shared = int(kwargs.get("sftkit_shared_prefix") or 0)
+    if shared:
+        return _shared_prefix_attention(query, key, value, cu, shared, window, dropout, scaling), None
     if (varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
             and not (dropout and module.training) and (window is None or "window_size" in _CAUSAL)):
         max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
@@ -78,6 +81,39 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     # split (not slicing) so that the backward pass concatenates the gradients in one go.
     outs = [attend(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+
+def _shared_prefix_attention(query, key, value, cu, shared: int, window: int | None, dropout: float,
+                             scaling: float | None) -> torch.Tensor:
+    """A packed row whose first segment (`shared` tokens) is a prefix every later segment continues:
+    the prefix attends causally to itself, each example to the whole prefix and causally to itself,
+    as it would laid out whole (positions p, p+1, ... after the prefix's 0 ... p-1)."""
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if lengths[0] != shared or sum(lengths) != query.shape[2]:
+        raise ValueError(f"sftkit_shared_prefix={shared} does not match cu_seq_lens_q {cu.tolist()} "
+                         f"of a row of {query.shape[2]} tokens")
+    gqa = key.shape[1] != query.shape[1]
+    qs, ks, vs = query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)
+    device = query.device
+
+    def allowed(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        d = q_pos[:, None] - k_pos[None, :]
+        return (d >= 0) & (d < window) if window is not None else d >= 0
+
+    prefix_pos = torch.arange(shared, device=device)
+    if window is not None and shared > window:
+        mask = allowed(prefix_pos, prefix_pos)
+        outs = [F.scaled_dot_product_attention(qs[0], ks[0], vs[0], attn_mask=mask, dropout_p=dropout,
+                                               scale=scaling, enable_gqa=gqa)]
+    else:
+        outs = [F.scaled_dot_product_attention(qs[0], ks[0], vs[0], dropout_p=dropout, scale=scaling,
+                                               is_causal=True, enable_gqa=gqa)]
+    for q, k, v in zip(qs[1:], ks[1:], vs[1:]):
+        own_pos = shared + torch.arange(q.shape[2], device=device)
+        mask = allowed(own_pos, torch.cat([prefix_pos, own_pos]))
+        outs.append(F.scaled_dot_product_attention(q, torch.cat([ks[0], k], 2), torch.cat([vs[0], v], 2),
+                                                   attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    return torch.cat(outs, 2).transpose(1, 2).contiguous()
 
 
 _SDPA = compat.sdpa_attention_forward()
@@ -140,3 +176,53 @@ def packing_problem(model: torch.nn.Module, examples: list) -> str | None:
             f"(attention {compat.attention_implementation(model)}): an example packed after another "
             f"gives other logits than alone (max difference {diff:.2e}), so examples would see each other; "
             "set data.pack=false")
+
+
+def prefix_sharing_problem(model: torch.nn.Module, examples: list) -> str | None:
+    """Why a prefix that a packed row's examples share cannot be computed once for this model (None:
+    it can). Needs `sftkit_sdpa` (use_packed_attention) on a CPU: on GPUs a packed row is one varlen
+    flash call, which the per-example attention a shared prefix needs is not measured against.
+    Checked numerically as packing is: two sequences that share their first 16 tokens, laid out as
+    [prefix][rest of one][rest of the other], must give each one's logits alone."""
+    from .data.packing import pack_collate
+    from .data.render import IGNORE, Example
+
+    impl = compat.attention_implementation(model)
+    if impl != NAME:
+        return f"attention {impl} (a shared prefix needs {NAME})"
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return f"device {device.type} (a packed row there is one varlen attention call)"
+    if not examples:
+        return None
+    ids = max(examples[:64], key=lambda e: len(e.input_ids)).input_ids
+    ids = (ids * (32 // len(ids) + 1))[:32]
+    a, b = ids, ids[:16] + ids[16:][::-1]
+    batch = pack_collate([[Example(a, [IGNORE] * 32), Example(b, [IGNORE] * 32)]], 0, share_prefix=True)
+    batch.pop("labels"), batch.pop("real_tokens")
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    p = batch["sftkit_shared_prefix"]  # 16, or more where b's reversed rest happens to start as a's
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shared = model(**batch, use_cache=False).logits[0, p:].float()
+            alone = torch.cat([model(input_ids=torch.tensor([x], device=device), use_cache=False).logits[0, p:].float()
+                               for x in (a, b)])
+    finally:
+        model.train(was_training)
+    scale = max(1.0, float(alone.abs().max()))
+    diff = float((shared - alone).abs().max())
+    if diff <= 1e-4 * scale:
+        return None
+    return (f"model type {model.config.model_type!r} gives other logits with a shared prefix than without "
+            f"(max difference {diff:.2e})")
+
+
+def packed_layout(model: torch.nn.Module, examples: list) -> tuple[bool, bool]:
+    """(pack, share_prefix) for a loss pass with no gradients over `examples`: packed where packing is
+    exact for the model (switching SDPA to sftkit_sdpa, which runs padded batches and generation as
+    SDPA does), the shared prefix computed once where that is exact too."""
+    if use_packed_attention(model) not in (NAME, "flash_attention_2") or packing_problem(model, examples):
+        return False, False
+    return True, prefix_sharing_problem(model, examples) is None

@@ -37,6 +37,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # our field -> the data's column, e.g. {output: response}
     max_length: int = 1024  # longest sample in tokens
     pack: bool = False  # pack several examples per row (best-fit) up to max_length; they never attend to each other
+    share_prefix: bool = True  # packed, on CPU: the untrained opening a pass's examples share (system message) is computed once
     truncation: str = "truncate"  # truncate (prompt from the left first, then the reply's tail) | drop | error
     mask: str = "auto"  # auto | completion | assistant | last_assistant | none (train on every token)
     template: str = "auto"  # auto = tokenizer's chat template | plain | chatml | llama-3 | alpaca | path.jinja

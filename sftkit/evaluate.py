@@ -162,14 +162,18 @@ def few_shot_prompt(messages: list[dict[str, str]], shots: list) -> list[dict[st
     return system + demos + rest
 
 
-def loss_metrics(model, examples: list, batch_size: int, pad_id: int, desc: str | None = None) -> dict[str, float]:
+def loss_metrics(model, examples: list, batch_size: int, pad_id: int, desc: str | None = None, pack: bool = False,
+                 share_prefix: bool = False, pass_tokens: int = 0) -> dict[str, float]:
     """Token-weighted loss, perplexity and next-token accuracy over trained tokens (as training renders them).
 
     `model` is a model, or the trainer's TokenLoss module (under FSDP the model's weights are shards
-    that only the wrapped module's forward gathers)."""
+    that only the wrapped module's forward gathers). With `pack`, each pass's examples are one flat
+    row with no padding (and with `share_prefix` their shared opening computed once): the same sums,
+    for models where packing is exact (`sftkit.attention.packing_problem`). `pass_tokens` > 0 fills
+    each packed pass with examples up to that many tokens instead of `batch_size` examples."""
     import torch
 
-    from .data.packing import pad_collate, pad_multiple
+    from .data.packing import pack_collate, pad_collate, pad_multiple
     from .loss import TokenLoss, token_loss
 
     was_training = model.training
@@ -177,25 +181,43 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int, desc: str 
     device = next(model.parameters()).device
     # Similar lengths together: less padding, same result (the sums do not depend on batching).
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    passes = _passes(order, [len(e.input_ids) for e in examples], pass_tokens) if pack and pass_tokens else \
+        [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
     total, tokens, correct = 0.0, 0, 0
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(order), desc=desc, file=sys.stderr, leave=False, disable=desc is None)
     with torch.no_grad():
-        for b in range(0, len(order), batch_size):
-            batch = pad_collate([examples[i] for i in order[b : b + batch_size]], pad_id, pad_multiple())
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for part in passes:
+            chunk = [examples[i] for i in part]
+            batch = (pack_collate([[e] for e in chunk], pad_id, share_prefix) if pack
+                     else pad_collate(chunk, pad_id, pad_multiple()))
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if isinstance(model, TokenLoss):  # the training step's module: FSDP gathers its shards in its forward
                 loss, n, ok = model(**batch)
             else:
                 sums = token_loss(model, batch)
                 loss, n, ok = sums.loss, sums.tokens, sums.correct
             total, tokens, correct = total + float(loss), tokens + int(n), correct + int(ok)
-            bar.update(len(order[b : b + batch_size]))
+            bar.update(len(part))
     bar.close()
     model.train(was_training)
     mean = total / max(tokens, 1)
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50)), "token_accuracy": correct / max(tokens, 1)}
+
+
+def _passes(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of `order` whose lengths sum to at most `budget` (one example at least)."""
+    out: list[list[int]] = []
+    used = 0
+    for i in order:
+        if out and used + lengths[i] <= budget:
+            out[-1].append(i)
+            used += lengths[i]
+        else:
+            out.append([i])
+            used = lengths[i]
+    return out
 
 
 def check_references(rows: list) -> None:
@@ -215,13 +237,16 @@ def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: boo
     """Loss metrics on trained tokens and generation metrics on the final reply of each row."""
     from tqdm.auto import tqdm
 
+    from .attention import packed_layout
     from .data.render import build_examples
     from .generate import generate
 
     result = EvalResult()
     if loss:
         examples, _ = build_examples(rows, renderer)
-        result.metrics.update(loss_metrics(model, examples, batch_size, renderer.tok.pad_token_id, desc=f"eval loss ({label})"))
+        pack, share = packed_layout(model, examples)
+        result.metrics.update(loss_metrics(model, examples, batch_size, renderer.tok.pad_token_id,
+                                           desc=f"eval loss ({label})", pack=pack, share_prefix=share))
     gen_rows = [r for r in rows if r.text is None]
     if generate_replies:
         check_references(gen_rows)

@@ -42,22 +42,55 @@ def pad_multiple() -> int:
     return 64 if torch.cuda.is_available() else 1
 
 
-def pack_collate(bins: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+# Shorter common prefixes are not worth a segment of their own.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(examples: list[Example], least: int = MIN_SHARED_PREFIX) -> int:
+    """Tokens all `examples` start with that may be computed once for all of them: none of them
+    trained, nor the token after (it would be predicted across a segment boundary), and each example
+    keeping a token of its own. 0 when fewer than `least` or fewer than two examples."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    n = min(len(e.input_ids) for e in examples) - 1
+    for e in examples:
+        trained = next((k for k, y in enumerate(e.labels) if y != IGNORE), len(e.labels))
+        n = min(n, trained - 1)
+        if e is not examples[0]:
+            n = next((k for k in range(n) if e.input_ids[k] != first[k]), n)
+    return n if n >= least else 0
+
+
+def pack_collate(bins: list[list[Example]], pad_id: int, share_prefix: bool = False) -> dict[str, torch.Tensor]:
     """All the bins' examples end to end in one flat row, with no padding: positions restart at 0
     for each example, and `cu_seq_lens_q`/`_k` (cumulative lengths, flash-attention's varlen
-    format) tell the attention where each example starts, so none attends to another."""
+    format) tell the attention where each example starts, so none attends to another.
+
+    With `share_prefix`, the untrained tokens every example starts with (a system message, the
+    template's opening) are laid down once as the row's first segment and each example continues
+    from it: its positions go on from the prefix's and it attends to the prefix and to itself
+    (`sftkit_shared_prefix`, read by `sftkit.attention`). The loss and its gradients are those of
+    the examples laid out whole; the prefix is computed once instead of once per example."""
     examples = [e for b in bins for e in b]
-    lengths = [len(e.input_ids) for e in examples]
-    ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)[None]
-    labels = torch.tensor([t for e in examples for t in e.labels], dtype=torch.long)[None]
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    p = shared_prefix_length(examples) if share_prefix else 0
+    parts = ([examples[0].input_ids[:p]] if p else []) + [e.input_ids[p:] for e in examples]
+    label_parts = ([examples[0].labels[:p]] if p else []) + [e.labels[p:] for e in examples]
+    lengths = [len(x) for x in parts]
+    ids = torch.tensor([t for x in parts for t in x], dtype=torch.long)[None]
+    labels = torch.tensor([t for x in label_parts for t in x], dtype=torch.long)[None]
+    pos = torch.cat([torch.arange(n) + (p if p and k else 0) for k, n in enumerate(lengths)])[None]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
-    # The first token of an example is never a target: predicting it would use the previous
-    # example's last token, i.e. attend across examples.
+    # The first token of a segment is never a target: predicting it would use the previous
+    # segment's last token, i.e. attend across examples.
     labels[0, cu[:-1].long()] = IGNORE
-    return {"input_ids": ids, "position_ids": pos, "labels": labels, "real_tokens": torch.tensor(sum(lengths)),
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    batch = {"input_ids": ids, "position_ids": pos, "labels": labels,
+             "real_tokens": torch.tensor(sum(len(e.input_ids) for e in examples)),
+             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    if p:
+        batch["sftkit_shared_prefix"] = p
+    return batch
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -106,7 +139,9 @@ class Batcher:
 
     def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int,
                  pack: bool = False, max_length: int = 0, group_by_length: bool = True, rank: int = 0, world: int = 1,
-                 max_forward_tokens: int = 0, pad_multiple: int = 1, collate=None, example_ids: bool = False):
+                 max_forward_tokens: int = 0, pad_multiple: int = 1, collate=None, example_ids: bool = False,
+                 share_prefix: bool = False):
+        self.share_prefix = share_prefix  # packed: a prefix all of a pass's examples share is computed once
         self.example_ids = example_ids  # add each batch's example indices, in the order its tokens come
         self.pad_multiple = pad_multiple  # padded widths rounded up to this (fewer shapes for GPU kernels)
         self.collate = collate  # bins of examples -> a batch; default: packed or padded token rows
@@ -156,7 +191,7 @@ class Batcher:
                 if self.collate is not None:
                     batch = self.collate(rows)
                 else:
-                    batch = (pack_collate(rows, self.pad_id) if self.pack
+                    batch = (pack_collate(rows, self.pad_id, self.share_prefix) if self.pack
                              else pad_collate([r[0] for r in rows], self.pad_id, self.pad_multiple))
                 if self.example_ids:  # e.g. to find the examples' cached teacher log-probs (sftkit.distill)
                     batch["example_ids"] = torch.tensor([i for u in part for i in self.units[u]])

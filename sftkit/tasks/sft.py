@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
-from ..attention import packing_problem, use_packed_attention
+from ..attention import packing_problem, prefix_sharing_problem, use_packed_attention
 from ..config import Config, ConfigError
 from ..data import prepare as prepare_data
 from ..data import renderer_for, text_source
@@ -151,16 +151,22 @@ def prepare(cfg: Config, run: Run) -> Job:
         check_references(eval_rows)
     if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
         model.to(run.device)
+    share = False
     if cfg.data.pack:
         log(f"packed rows: attention {use_packed_attention(model)}")
         problem = packing_problem(model, train_ex)
         if problem:
             raise ConfigError(problem)
+        if cfg.data.share_prefix:
+            why_not = prefix_sharing_problem(model, train_ex)
+            share = why_not is None
+            log("shared prefixes: each pass computes the untrained opening its examples share once" if share
+                else f"shared prefixes: off, {why_not}")
     scores = {}
     if cfg.eval.generate and cfg.eval.compare_base and run.start_ckpt is None and run.main:
         scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
         log(f"base model {cfg.eval.metric} on the held-out rows: {scores['base']:.3f}")
-    ref_ex, base_ref_ppl = reference_text(cfg, run, model, renderer)
+    ref_ex, base_ref_ppl = reference_text(cfg, run, model, renderer, share)
     frozen = None
     if cfg.train.kl_to_base > 0 and cfg.peft.method in ("full", "freeze"):
         frozen = copy.deepcopy(model).eval().requires_grad_(False)  # the base, for the KL term
@@ -177,18 +183,18 @@ def prepare(cfg: Config, run: Run) -> Job:
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
                       cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length, rank=run.rank, world=run.world,
                       max_forward_tokens=forward_tokens(cfg), pad_multiple=pad_multiple(),
-                      example_ids=distill is not None and distill.cache is not None)
+                      example_ids=distill is not None and distill.cache is not None, share_prefix=share)
     if cfg.data.pack:
         log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
             f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
     return Job(model=model, loss=TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen, distill=distill),
                batcher=batcher,
                units=trained_tokens, state={"base_ref_ppl": base_ref_ppl},
-               evaluate=Evaluation(cfg, eval_ex, ref_ex, tok.pad_token_id) if (eval_ex or ref_ex) else None,
+               evaluate=Evaluation(cfg, eval_ex, ref_ex, tok.pad_token_id, share) if (eval_ex or ref_ex) else None,
                finish=Finish(cfg, tok, renderer, data, eval_rows, scores, trainable, total))
 
 
-def reference_text(cfg: Config, run: Run, model, renderer) -> tuple[list, float | None]:
+def reference_text(cfg: Config, run: Run, model, renderer, share: bool = False) -> tuple[list, float | None]:
     """Forgetting: the reference text's examples, and the base model's perplexity on them (measured now,
     before training; on --resume too when the run had no such figure or another text)."""
     if not cfg.eval.reference:
@@ -198,7 +204,9 @@ def reference_text(cfg: Config, run: Run, model, renderer) -> tuple[list, float 
     saved = meta.get("task_state", meta["state"]).get("base_ref_ppl") if meta else None
     if meta is not None and saved is not None and meta["config"]["eval"].get("reference") == cfg.eval.reference:
         return ref_ex, None  # restored from the checkpoint
-    ppl = loss_metrics(model, ref_ex, cfg.train.batch_size, renderer.tok.pad_token_id, desc="reference text (base)")["perplexity"]
+    ppl = loss_metrics(model, ref_ex, cfg.train.batch_size, renderer.tok.pad_token_id, desc="reference text (base)",
+                       pack=cfg.data.pack, share_prefix=share,
+                       pass_tokens=cfg.train.batch_size * cfg.data.max_length)["perplexity"]
     log(f"base model perplexity on the reference text ({cfg.eval.reference}): {ppl:.3f}")
     return ref_ex, ppl
 
@@ -206,17 +214,22 @@ def reference_text(cfg: Config, run: Run, model, renderer) -> tuple[list, float 
 class Evaluation:
     """Held-out loss, perplexity and token accuracy, and the reference text's perplexity (forgetting)."""
 
-    def __init__(self, cfg: Config, eval_ex: list, ref_ex: list, pad_id: int):
+    def __init__(self, cfg: Config, eval_ex: list, ref_ex: list, pad_id: int, share_prefix: bool = False):
         self.cfg, self.eval_ex, self.ref_ex, self.pad_id = cfg, eval_ex, ref_ex, pad_id
+        # Packed as training is (no padding), the shared prefix computed once where training does so;
+        # a packed pass holds what a training pass does (train.batch_size rows of data.max_length).
+        self.layout = {"pack": cfg.data.pack, "share_prefix": share_prefix,
+                       "pass_tokens": cfg.train.batch_size * cfg.data.max_length}
 
     def __call__(self, scorer, state: dict) -> dict:
         record, bs = {}, self.cfg.train.batch_size
         if self.ref_ex:
-            record["ref_ppl"] = loss_metrics(scorer, self.ref_ex, bs, self.pad_id, desc="reference text")["perplexity"]
+            record["ref_ppl"] = loss_metrics(scorer, self.ref_ex, bs, self.pad_id, desc="reference text",
+                                             **self.layout)["perplexity"]
             if state.get("base_ref_ppl"):
                 record["forgetting"] = record["ref_ppl"] / state["base_ref_ppl"] - 1
         if self.eval_ex:
-            ev = loss_metrics(scorer, self.eval_ex, bs, self.pad_id, desc="eval loss")
+            ev = loss_metrics(scorer, self.eval_ex, bs, self.pad_id, desc="eval loss", **self.layout)
             record.update(eval_loss=ev["eval_loss"], eval_ppl=ev["perplexity"], eval_accuracy=ev["token_accuracy"])
         return record
 
