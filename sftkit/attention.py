@@ -59,9 +59,9 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     # longer than it must see only the last `window` keys, as the unpacked model does.
     window = kwargs.get("sliding_window")
     window = int(window) if isinstance(window, int) and window > 0 else None
-    shared = int(kwargs.get("sftkit_shared_prefix") or 0)
-    if shared:
-        return _shared_prefix_attention(query, key, value, cu, shared, window, dropout, scaling), None
+    parents = kwargs.get("sftkit_prefix_of")
+    if parents is not None:
+        return _prefixed_attention(query, key, value, cu, parents, window, dropout, scaling), None
     if (varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
             and not (dropout and module.training) and (window is None or "window_size" in _CAUSAL)):
         max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
@@ -83,15 +83,17 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
 
-def _shared_prefix_attention(query, key, value, cu, shared: int, window: int | None, dropout: float,
-                             scaling: float | None) -> torch.Tensor:
-    """A packed row whose first segment (`shared` tokens) is a prefix every later segment continues:
-    the prefix attends causally to itself, each example to the whole prefix and causally to itself,
-    as it would laid out whole (positions p, p+1, ... after the prefix's 0 ... p-1)."""
+def _prefixed_attention(query, key, value, cu, parents: list[int], window: int | None, dropout: float,
+                        scaling: float | None) -> torch.Tensor:
+    """A packed row some of whose segments continue an earlier one (a prompt computed once):
+    `parents[s]` is the segment that segment s continues, or -1. A segment with no parent attends
+    causally to itself; one with a parent attends to the whole parent and causally to itself, with
+    positions going on from the parent's, as it would laid out whole after it."""
     lengths = (cu[1:] - cu[:-1]).tolist()
-    if lengths[0] != shared or sum(lengths) != query.shape[2]:
-        raise ValueError(f"sftkit_shared_prefix={shared} does not match cu_seq_lens_q {cu.tolist()} "
-                         f"of a row of {query.shape[2]} tokens")
+    if len(parents) != len(lengths) or sum(lengths) != query.shape[2] or any(
+            p >= s or (p >= 0 and parents[p] >= 0) for s, p in enumerate(parents)):
+        raise ValueError(f"sftkit_prefix_of={parents} does not fit cu_seq_lens_q {cu.tolist()} of a row of "
+                         f"{query.shape[2]} tokens (each parent an earlier segment that has none itself)")
     gqa = key.shape[1] != query.shape[1]
     qs, ks, vs = query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)
     device = query.device
@@ -100,18 +102,22 @@ def _shared_prefix_attention(query, key, value, cu, shared: int, window: int | N
         d = q_pos[:, None] - k_pos[None, :]
         return (d >= 0) & (d < window) if window is not None else d >= 0
 
-    prefix_pos = torch.arange(shared, device=device)
-    if window is not None and shared > window:
-        mask = allowed(prefix_pos, prefix_pos)
-        outs = [F.scaled_dot_product_attention(qs[0], ks[0], vs[0], attn_mask=mask, dropout_p=dropout,
-                                               scale=scaling, enable_gqa=gqa)]
-    else:
-        outs = [F.scaled_dot_product_attention(qs[0], ks[0], vs[0], dropout_p=dropout, scale=scaling,
-                                               is_causal=True, enable_gqa=gqa)]
-    for q, k, v in zip(qs[1:], ks[1:], vs[1:]):
-        own_pos = shared + torch.arange(q.shape[2], device=device)
-        mask = allowed(own_pos, torch.cat([prefix_pos, own_pos]))
-        outs.append(F.scaled_dot_product_attention(q, torch.cat([ks[0], k], 2), torch.cat([vs[0], v], 2),
+    outs = []
+    for q, k, v, parent in zip(qs, ks, vs, parents):
+        n = q.shape[2]
+        if parent < 0:
+            if window is not None and n > window:
+                pos = torch.arange(n, device=device)
+                outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed(pos, pos), dropout_p=dropout,
+                                                           scale=scaling, enable_gqa=gqa))
+            else:
+                outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                           enable_gqa=gqa))
+            continue
+        p = lengths[parent]
+        own = p + torch.arange(n, device=device)
+        mask = allowed(own, torch.cat([torch.arange(p, device=device), own]))
+        outs.append(F.scaled_dot_product_attention(q, torch.cat([ks[parent], k], 2), torch.cat([vs[parent], v], 2),
                                                    attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
     return torch.cat(outs, 2).transpose(1, 2).contiguous()
 
@@ -201,7 +207,7 @@ def prefix_sharing_problem(model: torch.nn.Module, examples: list) -> str | None
     batch = pack_collate([[Example(a, [IGNORE] * 32), Example(b, [IGNORE] * 32)]], 0, share_prefix=True)
     batch.pop("labels"), batch.pop("real_tokens")
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    p = batch["sftkit_shared_prefix"]  # 16, or more where b's reversed rest happens to start as a's
+    p = int(batch["cu_seq_lens_q"][1])  # 16, or more where b's reversed rest happens to start as a's
     was_training = model.training
     model.eval()
     try:

@@ -20,7 +20,7 @@ from . import compat
 from .data.render import IGNORE
 
 # What a batch passes to the model; packed rows add the examples' boundaries (see sftkit.attention).
-_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "sftkit_shared_prefix",
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "sftkit_prefix_of",
                  "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 

@@ -70,8 +70,9 @@ def pack_collate(bins: list[list[Example]], pad_id: int, share_prefix: bool = Fa
     With `share_prefix`, the untrained tokens every example starts with (a system message, the
     template's opening) are laid down once as the row's first segment and each example continues
     from it: its positions go on from the prefix's and it attends to the prefix and to itself
-    (`sftkit_shared_prefix`, read by `sftkit.attention`). The loss and its gradients are those of
-    the examples laid out whole; the prefix is computed once instead of once per example."""
+    (`sftkit_prefix_of`: each segment's prefix segment or -1, read by `sftkit.attention`). The loss
+    and its gradients are those of the examples laid out whole; the prefix is computed once instead
+    of once per example."""
     examples = [e for b in bins for e in b]
     p = shared_prefix_length(examples) if share_prefix else 0
     parts = ([examples[0].input_ids[:p]] if p else []) + [e.input_ids[p:] for e in examples]
@@ -89,7 +90,7 @@ def pack_collate(bins: list[list[Example]], pad_id: int, share_prefix: bool = Fa
              "real_tokens": torch.tensor(sum(len(e.input_ids) for e in examples)),
              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
     if p:
-        batch["sftkit_shared_prefix"] = p
+        batch["sftkit_prefix_of"] = [-1] + [0] * len(examples)
     return batch
 
 

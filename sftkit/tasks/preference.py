@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError
 from ..data import renderer_for
-from ..data.packing import Batcher, pad_collate
+from ..data.packing import Batcher, pad_collate, shared_prefix_length
 from ..data.render import IGNORE, Example
 from ..data.sources import DataError, ReadStats, Row, parse_sources, read_source, split_eval
 from ..models import apply_method, count_parameters, load_model
@@ -162,26 +162,72 @@ def build_pairs(pairs: list[Pair], renderer) -> tuple[list[PairExample], dict]:
     return out, dropped
 
 
-def collate_pairs(bins: list[list[PairExample]], pad_id: int) -> dict:
-    """Chosen rows first, then rejected, padded into one batch: one forward for both sides of every pair."""
+def collate_pairs(bins: list[list[PairExample]], pad_id: int, share_prompt: bool = False) -> dict:
+    """Chosen rows first, then rejected, padded into one batch: one forward for both sides of every pair.
+
+    With `share_prompt`, one flat row instead, with no padding: each pair's prompt once, its chosen
+    and rejected replies both continuing from it (`sftkit_prefix_of`, see sftkit.attention), so the
+    prompt is computed once per pair, not twice; `sequence_ids` says whose reply each token is
+    (pair i's chosen: i, its rejected: n + i, as the padded batch orders its rows)."""
     pairs = [b[0] for b in bins]
-    batch = pad_collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    n = len(pairs)
+    if share_prompt:
+        batch = _pack_pairs(pairs)
+    else:
+        batch = pad_collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["n_sequences"] = 2 * n
     if all(p.ref is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs], dtype=torch.float64)
     return batch
+
+
+def _pack_pairs(pairs: list[PairExample]) -> dict:
+    n = len(pairs)
+    parts: list[tuple[list[int], list[int], int, int]] = []  # (ids, labels, parent segment, sequence id)
+    for i, pair in enumerate(pairs):
+        p = shared_prefix_length([pair.chosen, pair.rejected])  # 0: a prompt too short to be worth it
+        if p:
+            parts.append((pair.chosen.input_ids[:p], [IGNORE] * p, -1, -1))
+        root = len(parts) - 1 if p else -1
+        for seq, ex in ((i, pair.chosen), (n + i, pair.rejected)):
+            parts.append((ex.input_ids[p:], ex.labels[p:], root, seq))
+    lengths = [len(ids) for ids, *_ in parts]
+    parents = [parent for *_, parent, _ in parts]
+    ids = torch.tensor([t for x, *_ in parts for t in x], dtype=torch.long)[None]
+    labels = torch.tensor([y for _, ys, *_ in parts for y in ys], dtype=torch.long)[None]
+    pos = torch.cat([torch.arange(k) + (lengths[parent] if parent >= 0 else 0)
+                     for k, parent in zip(lengths, parents)])[None]
+    seq_ids = torch.cat([torch.full((k,), seq) for k, (*_, seq) in zip(lengths, parts)])[None]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    labels[0, cu[:-1].long()] = IGNORE  # a segment's first token would be predicted across a boundary
+    batch = {"input_ids": ids, "position_ids": pos, "labels": labels, "sequence_ids": seq_ids,
+             "real_tokens": torch.tensor(sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)),
+             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    if any(parent >= 0 for parent in parents):
+        batch["sftkit_prefix_of"] = parents
+    return batch
+
+
+def _on(batch: dict, device, drop: tuple[str, ...] = ()) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in drop}
 
 
 # -- the loss --------------------------------------------------------------------------------------
 def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's trained tokens, their count), from the hidden states at those
     positions only: the LM head runs on trained positions, in chunks."""
-    from ..loss import _unwrap, head_is_logits
+    from ..loss import _MODEL_INPUTS, _unwrap, head_is_logits
 
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if "sequence_ids" in batch:  # one packed row (collate_pairs with share_prompt)
+        rows = batch["sequence_ids"][:, 1:][keep]
+    else:
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+    inputs["use_cache"] = False
     base = _unwrap(model)
     if head_is_logits(base, batch["input_ids"]):
         hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
@@ -192,7 +238,7 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor,
     else:  # a model that transforms its logits: its own logits, at the trained positions
         logits = model(**inputs).logits[:, :-1][keep].float()
         token_logps = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
-    n = labels.shape[0]
+    n = int(batch.get("n_sequences", labels.shape[0]))
     sums = torch.zeros(n, device=labels.device, dtype=torch.float32).index_add(0, rows, token_logps)
     counts = torch.zeros(n, device=labels.device, dtype=torch.float32).index_add(0, rows, torch.ones_like(token_logps))
     return sums, counts
@@ -300,10 +346,11 @@ def prepare(cfg: Config, run: Run) -> Job:
         frozen = load_reference(cfg.preference.reference, cfg.model.dtype).to(run.device)
     else:
         frozen = None if cfg.peft.method in ("lora", "qlora") else copy.deepcopy(model).eval().requires_grad_(False)
+    share = prompt_sharing(cfg, [m for m in (model, frozen) if m is not None], train_ex)
     if needs_ref and cfg.preference.precompute_reference:
-        precompute(frozen or model, train_ex + eval_ex, tok.pad_token_id, run.device, cfg.train.batch_size)
+        precompute(frozen or model, train_ex + eval_ex, tok.pad_token_id, run.device, cfg.train.batch_size, share)
         frozen = None
-    base_accuracy = preference_accuracy(model, eval_ex, tok.pad_token_id, run.device, cfg.train.batch_size) \
+    base_accuracy = preference_accuracy(model, eval_ex, tok.pad_token_id, run.device, cfg.train.batch_size, share) \
         if eval_ex and run.start_ckpt is None else None
     torch.manual_seed(cfg.train.seed)
     model = apply_method(model, cfg.peft)
@@ -313,12 +360,30 @@ def prepare(cfg: Config, run: Run) -> Job:
     # pairs of the whole step, so this changes nothing but the activation memory (as max_forward_tokens in SFT).
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
                       rank=run.rank, world=run.world, max_forward_tokens=forward_tokens(cfg) // 2,
-                      collate=lambda bins: collate_pairs(bins, tok.pad_token_id))
+                      collate=lambda bins: collate_pairs(bins, tok.pad_token_id, share))
     loss = PreferenceLoss(model, cfg, frozen)
-    return Job(model=model, loss=loss, batcher=batcher, units=lambda b: float(len(b["labels"]) // 2),
-               evaluate=Evaluation(cfg, loss, eval_ex, tok.pad_token_id) if eval_ex else None,
+    return Job(model=model, loss=loss, batcher=batcher, units=lambda b: float(b["n_sequences"] // 2),
+               evaluate=Evaluation(cfg, loss, eval_ex, tok.pad_token_id, share) if eval_ex else None,
                finish=Finish(cfg, tok, eval_ex, base_accuracy, trainable, total, len(train_ex)),
                units_name="pairs", state={"base_accuracy": base_accuracy})
+
+
+def prompt_sharing(cfg: Config, models: list, examples: list[PairExample]) -> bool:
+    """data.share_prefix: each pair's prompt computed once for both replies, where that is exact for
+    the policy and the reference (sftkit_sdpa on a CPU, checked numerically); logged either way."""
+    from ..attention import packing_problem, prefix_sharing_problem, use_packed_attention
+
+    if not cfg.data.share_prefix:
+        return False
+    sides = [e.chosen for e in examples[:32]] + [e.rejected for e in examples[:32]]
+    for m in models:
+        use_packed_attention(m)
+        why_not = packing_problem(m, sides) or prefix_sharing_problem(m, sides)
+        if why_not:
+            log(f"shared prompts: off, {why_not}")
+            return False
+    log("shared prompts: each pair's prompt is computed once for both replies (one packed row per pass)")
+    return True
 
 
 def load_reference(name: str, dtype: str) -> torch.nn.Module:
@@ -339,28 +404,28 @@ def load_reference(name: str, dtype: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def precompute(model, examples: list[PairExample], pad_id: int, device, batch_size: int) -> None:
+def precompute(model, examples: list[PairExample], pad_id: int, device, batch_size: int, share: bool = False) -> None:
     """The reference's log-probs of every pair, once: the step then runs one model pass, not two."""
     was = model.training
     model.eval()
     for b in range(0, len(examples), batch_size):
         part = examples[b : b + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs([[p] for p in part], pad_id).items()}
-        logps = sequence_logps(model, batch)[0].double().cpu()
+        logps = sequence_logps(model, _on(collate_pairs([[p] for p in part], pad_id, share), device))[0].double().cpu()
         for p, c, r in zip(part, logps[: len(part)].tolist(), logps[len(part):].tolist()):
             p.ref = (c, r)
     model.train(was)
 
 
 @torch.no_grad()
-def preference_accuracy(model, examples: list[PairExample], pad_id: int, device, batch_size: int) -> float:
+def preference_accuracy(model, examples: list[PairExample], pad_id: int, device, batch_size: int,
+                        share: bool = False) -> float:
     """Share of pairs whose chosen reply the model finds more likely (summed log-prob) than the rejected."""
     was = model.training
     model.eval()
     right = 0
     for b in range(0, len(examples), batch_size):
         part = examples[b : b + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs([[p] for p in part], pad_id).items() if k != "ref_logps"}
+        batch = _on(collate_pairs([[p] for p in part], pad_id, share), device, drop=("ref_logps",))
         pc, pr = sequence_logps(model, batch)[0].chunk(2)
         right += int((pc > pr).sum())
     model.train(was)
@@ -370,8 +435,8 @@ def preference_accuracy(model, examples: list[PairExample], pad_id: int, device,
 class Evaluation:
     """Held-out preference loss, rewards and accuracy, as in training."""
 
-    def __init__(self, cfg, loss, examples, pad_id):
-        self.cfg, self.loss, self.examples, self.pad_id = cfg, loss, examples, pad_id
+    def __init__(self, cfg, loss, examples, pad_id, share: bool = False):
+        self.cfg, self.loss, self.examples, self.pad_id, self.share = cfg, loss, examples, pad_id, share
 
     @torch.no_grad()
     def __call__(self, scorer, state: dict | None = None) -> dict:
@@ -381,8 +446,8 @@ class Evaluation:
         sums: dict[str, float] = {}
         bs = self.cfg.train.batch_size
         for b in range(0, len(self.examples), bs):
-            batch = collate_pairs([[p] for p in self.examples[b : b + bs]], self.pad_id)
-            loss, _, metrics = self.loss(**{k: v.to(device) for k, v in batch.items()})
+            batch = collate_pairs([[p] for p in self.examples[b : b + bs]], self.pad_id, self.share)
+            loss, _, metrics = self.loss(**_on(batch, device))
             for k, v in {"eval_loss": loss, **{f"eval_{k}": m for k, m in metrics.items()}}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.loss.train(was)

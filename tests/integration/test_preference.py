@@ -81,6 +81,41 @@ def test_logps_come_from_trained_positions_only(tokenizer):
     assert counts.tolist() == keep.sum(1).float().tolist()
 
 
+@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+def test_a_prompt_computed_once_for_both_replies_gives_the_padded_batchs_loss_and_gradients(tokenizer, kind):
+    """One packed row, each pair's prompt once and both replies continuing from it: the log-probs,
+    the loss and every gradient equal the padded batch of whole sequences (the reference is a
+    separate model here, so its log-probs go through the same layout)."""
+    from sftkit.attention import use_packed_attention
+
+    model, ref = make_tiny_llama(tokenizer, seed=0), make_tiny_llama(tokenizer, seed=1).eval()
+    use_packed_attention(model), use_packed_attention(ref)
+    rows = [{**p, "prompt": f"Question {i}: is {i} an even number? Think, then answer in one word."}
+            for i, p in enumerate(PAIRS[:6])]
+    exs, _ = build_pairs([normalise_pair(p, "p", i, {}, "Be brief.") for i, p in enumerate(rows)], Renderer(tokenizer))
+    padded = collate_pairs([[e] for e in exs], tokenizer.pad_token_id)
+    shared = collate_pairs([[e] for e in exs], tokenizer.pad_token_id, share_prompt=True)
+    assert len(shared["sftkit_prefix_of"]) == 18  # 6 x (prompt, chosen, rejected)
+    assert shared["input_ids"].shape[1] < 0.7 * int(padded["attention_mask"].sum())
+    assert int(shared["real_tokens"]) == int(padded["real_tokens"])
+    cfg = load_config(None, {"task": "preference", "preference.loss": kind})
+    results = []
+    for batch in (padded, shared):
+        model.zero_grad()
+        loss_fn = PreferenceLoss(model, cfg, ref)
+        loss, pairs, metrics = loss_fn(**batch)
+        loss.backward()
+        results.append((loss.detach(), float(pairs), {k: float(v) for k, v in metrics.items()},
+                        {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
+    (l0, n0, m0, g0), (l1, n1, m1, g1) = results
+    assert n0 == n1 == 6
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for k in m0:
+        assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-5), k
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6 * max(1.0, float(g0[n].abs().max())), msg=n)
+
+
 @pytest.mark.parametrize("kind", ["dpo", "ipo", "simpo", "orpo"])
 def test_losses_equal_their_formulas(kind):
     g = torch.Generator().manual_seed(0)

@@ -36,13 +36,13 @@ def test_the_layout_continues_each_example_from_the_prefix(tokenizer, chat_rows)
     assert p >= 20  # the system message and the template's opening
     batch = pack_collate([exs[:2], exs[2:]], tokenizer.pad_token_id, share_prefix=True)
     own = [len(e.input_ids) - p for e in exs]
-    assert batch["sftkit_shared_prefix"] == p
+    assert batch["sftkit_prefix_of"] == [-1, 0, 0, 0]
     assert batch["input_ids"][0].tolist() == exs[0].input_ids[:p] + [t for e in exs for t in e.input_ids[p:]]
     assert batch["position_ids"][0].tolist() == list(range(p)) + [p + k for n in own for k in range(n)]
     assert batch["cu_seq_lens_q"].tolist() == [0, p, p + own[0], p + own[0] + own[1], p + sum(own)]
     assert batch["labels"][0].tolist() == [IGNORE] * p + [y for e in exs for y in e.labels[p:]]
     assert int(batch["real_tokens"]) == sum(len(e.input_ids) for e in exs)  # the examples' tokens, as before
-    assert "sftkit_shared_prefix" not in pack_collate([exs], 0)  # off unless asked
+    assert "sftkit_prefix_of" not in pack_collate([exs], 0)  # off unless asked
 
 
 def _loss_and_grads(model, batch):
@@ -89,7 +89,7 @@ def test_a_prefix_seen_without_its_positions_or_keys_would_fail(tokenizer, chat_
     exs = examples(tokenizer, chat_rows)
     whole = token_loss(model, pack_collate([exs], 0)).loss.detach()
     batch = pack_collate([exs], 0, share_prefix=True)
-    batch.pop("sftkit_shared_prefix")  # the same layout read as plain packing
+    batch.pop("sftkit_prefix_of")  # the same layout read as plain packing
     assert abs(float(token_loss(model, batch).loss.detach()) - float(whole)) > 1e-2
 
 
