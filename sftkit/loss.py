@@ -67,6 +67,28 @@ class _FrozenHeadCE(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None
 
 
+class FrozenHeadLogp(torch.autograd.Function):
+    """Each position's log-prob of its target under `hidden @ weight.T`, for a head that is not
+    trained (preference optimisation sums them per reply). As _FrozenHeadCE: the gradient with
+    respect to `hidden` (one-hot - softmax, times the weight) is computed in the forward pass, so
+    no logits are kept for backward; backward scales each position's row by its incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        logits = F.linear(hidden, weight).float()
+        lse = torch.logsumexp(logits, -1)
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        grad = logits.sub_(lse[:, None]).exp_().neg_()
+        grad[torch.arange(len(targets), device=grad.device), targets] += 1
+        ctx.save_for_backward(grad.to(hidden.dtype) @ weight)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_logp[:, None].to(grad_hidden.dtype), None, None
+
+
 def _frozen_plain_head(head: torch.nn.Module) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
 

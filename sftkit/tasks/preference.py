@@ -217,7 +217,7 @@ def _on(batch: dict, device, drop: tuple[str, ...] = ()) -> dict:
 def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's trained tokens, their count), from the hidden states at those
     positions only: the LM head runs on trained positions, in chunks."""
-    from ..loss import _MODEL_INPUTS, _unwrap, head_is_logits
+    from ..loss import _MODEL_INPUTS, FrozenHeadLogp, _frozen_plain_head, _unwrap, head_is_logits
 
     labels = batch["labels"]
     targets = labels[:, 1:]
@@ -232,9 +232,15 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor,
     if head_is_logits(base, batch["input_ids"]):
         hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
         head = base.get_output_embeddings()
-        parts = [torch.log_softmax(head(hidden[i : i + chunk]).float(), -1).gather(-1, targets[keep][i : i + chunk, None])
-                 for i in range(0, len(hidden), chunk)]
-        token_logps = torch.cat(parts)[:, 0] if parts else hidden.new_zeros(0)
+        t = targets[keep]
+        if torch.is_grad_enabled() and hidden.requires_grad and _frozen_plain_head(head):
+            # LoRA and friends: the head's gradient taken in its forward pass, no logits kept
+            parts = [FrozenHeadLogp.apply(hidden[i : i + chunk], head.weight, t[i : i + chunk])
+                     for i in range(0, len(hidden), chunk)]
+        else:
+            parts = [torch.log_softmax(head(hidden[i : i + chunk]).float(), -1).gather(-1, t[i : i + chunk, None])[:, 0]
+                     for i in range(0, len(hidden), chunk)]
+        token_logps = torch.cat(parts) if parts else hidden.new_zeros(0)
     else:  # a model that transforms its logits: its own logits, at the trained positions
         logits = model(**inputs).logits[:, :-1][keep].float()
         token_logps = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]

@@ -256,3 +256,27 @@ def test_one_forward_per_pair_and_no_full_logits(tokenizer, monkeypatch):
     assert len([c for c in calls if c is not None and c[0] == 6]) == 1 and units == 3
     assert sum(head_rows) == trained < batch["input_ids"].numel()
     assert F.softplus(loss) > 0
+
+
+def test_a_frozen_head_gives_the_same_log_probs_and_gradients_as_autograd(tokenizer):
+    """LoRA's case: with the head frozen its gradient is taken in the forward pass (no logits kept
+    for backward); the log-probs and every trained weight's gradient equal plain autograd's."""
+    model = make_tiny_llama(tokenizer)
+    pairs = [normalise_pair(p, "p", i, {}, None) for i, p in enumerate(PAIRS[:4])]
+    exs, _ = build_pairs(pairs, Renderer(tokenizer))
+    batch = collate_pairs([[e] for e in exs], tokenizer.pad_token_id)
+    head = model.get_output_embeddings().weight
+    upstream = torch.linspace(-1.0, 2.0, 8)  # each sequence weighted differently, as DPO weighs its pairs
+    results = []
+    for frozen in (True, False):
+        model.zero_grad()
+        head.requires_grad_(not frozen)
+        sums, _ = sequence_logps(model, batch)
+        (sums * upstream).sum().backward()
+        results.append((sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None and p is not head}))
+    (s_fused, g_fused), (s_plain, g_plain) = results
+    torch.testing.assert_close(s_fused, s_plain, rtol=1e-5, atol=1e-5)
+    assert g_fused.keys() == g_plain.keys() and g_plain
+    for n in g_plain:
+        torch.testing.assert_close(g_fused[n], g_plain[n], rtol=1e-4, atol=1e-6 * max(1.0, float(g_plain[n].abs().max())), msg=n)

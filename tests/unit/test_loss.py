@@ -117,3 +117,21 @@ def test_float16_training_is_refused_with_what_to_use(tmp_path):
     with pytest.raises(ConfigError, match="model.dtype=float16: training float16 weights without loss scaling"):
         train(load_config(None, {"model.dtype": "float16", "output_dir": str(tmp_path / "r")}))
     assert not (tmp_path / "r").exists()
+
+
+def test_the_frozen_head_log_prob_and_its_gradient_equal_autograds():
+    from sftkit.loss import FrozenHeadLogp
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g) * 0.5
+    targets = torch.randint(0, 50, (7,), generator=g)
+    upstream = torch.randn(7, generator=g)  # each position weighted differently, as DPO's pairs are
+    fused = FrozenHeadLogp.apply(hidden, weight, targets)
+    (fused * upstream).sum().backward()
+    fused_grad = hidden.grad.clone()
+    hidden.grad = None
+    plain = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None])[:, 0]
+    (plain * upstream).sum().backward()
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_grad, hidden.grad, rtol=1e-5, atol=1e-6)

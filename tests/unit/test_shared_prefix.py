@@ -8,6 +8,7 @@ from sftkit.attention import prefix_sharing_problem, use_packed_attention
 from sftkit.data.packing import Batcher, pack_collate, shared_prefix_length
 from sftkit.data.render import IGNORE, Example, Renderer, build_examples
 from sftkit.data.sources import Normaliser
+from sftkit.evaluate import _passes
 from sftkit.loss import token_loss
 
 from ..conftest import make_tiny_llama
@@ -120,5 +121,12 @@ def test_the_eval_loss_packed_with_shared_prefixes_equals_the_padded_one(tokeniz
     shared = loss_metrics(model, exs, 5, tokenizer.pad_token_id, pack=True, share_prefix=True)
     assert shared["token_accuracy"] == padded["token_accuracy"]
     assert shared["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-6)
+    by_tokens = loss_metrics(model, exs, 5, tokenizer.pad_token_id, pack=True, share_prefix=True, pass_tokens=120)
+    assert by_tokens["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-6)
     model.set_attn_implementation("eager")
     assert packed_layout(model, exs) == (False, False)  # eager: padded as before (a packed row would need a full mask)
+
+
+def test_packed_eval_passes_hold_up_to_the_token_budget():
+    assert _passes([3, 0, 1, 2], [5, 4, 6, 30], 10) == [[3], [0, 1], [2]]  # one example at least, even if longer
+    assert _passes([0, 1, 2], [2, 2, 2], 6) == [[0, 1, 2]]
