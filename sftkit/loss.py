@@ -42,6 +42,27 @@ def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
 
 
+def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrites float32 `logits` (rows, vocab) with softmax - one-hot(targets), the gradient of the
+    cross-entropy with respect to them, and returns (log-sum-exp, target logit) per row. One exp over
+    the vocabulary and no full-size temporary: the head's logits are the largest tensor of a step."""
+    target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
+    top = logits.amax(-1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+    logits.div_(total)
+    logits[torch.arange(len(targets), device=logits.device), targets] -= 1
+    return (top + total.log()).squeeze(-1), target_logit
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, without a gradient, overwriting float32 `logits`: as
+    log_softmax(...).gather(...) with one exp over the vocabulary and no full-size output."""
+    target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
+    top = logits.amax(-1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+    return target_logit - (top + total.log()).squeeze(-1)
+
+
 class _FrozenHeadCE(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, for a head that is not trained.
 
@@ -52,14 +73,11 @@ class _FrozenHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
         logits = F.linear(hidden, weight).float()
-        lse = torch.logsumexp(logits, -1)
-        loss = (lse - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
         correct = (logits.argmax(-1) == targets).sum()
-        grad = logits.sub_(lse[:, None]).exp_()
-        grad[torch.arange(len(targets), device=grad.device), targets] -= 1
-        ctx.save_for_backward(grad.to(hidden.dtype) @ weight)
+        lse, target_logit = _softmax_minus_onehot(logits, targets)
+        ctx.save_for_backward(logits.to(hidden.dtype) @ weight)
         ctx.mark_non_differentiable(correct)
-        return loss, correct
+        return (lse - target_logit).sum(), correct
 
     @staticmethod
     def backward(ctx, grad_loss, grad_correct):
@@ -70,23 +88,20 @@ class _FrozenHeadCE(torch.autograd.Function):
 class FrozenHeadLogp(torch.autograd.Function):
     """Each position's log-prob of its target under `hidden @ weight.T`, for a head that is not
     trained (preference optimisation sums them per reply). As _FrozenHeadCE: the gradient with
-    respect to `hidden` (one-hot - softmax, times the weight) is computed in the forward pass, so
-    no logits are kept for backward; backward scales each position's row by its incoming gradient."""
+    respect to `hidden` ((softmax - one-hot) times the weight, negated in backward) is computed in
+    the forward pass, so no logits are kept; backward scales each position's row by its incoming gradient."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
         logits = F.linear(hidden, weight).float()
-        lse = torch.logsumexp(logits, -1)
-        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-        grad = logits.sub_(lse[:, None]).exp_().neg_()
-        grad[torch.arange(len(targets), device=grad.device), targets] += 1
-        ctx.save_for_backward(grad.to(hidden.dtype) @ weight)
-        return logp
+        lse, target_logit = _softmax_minus_onehot(logits, targets)
+        ctx.save_for_backward(logits.to(hidden.dtype) @ weight)
+        return target_logit - lse
 
     @staticmethod
     def backward(ctx, grad_logp):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_logp[:, None].to(grad_hidden.dtype), None, None
+        (minus_grad,) = ctx.saved_tensors
+        return minus_grad * -grad_logp[:, None].to(minus_grad.dtype), None, None
 
 
 def _frozen_plain_head(head: torch.nn.Module) -> bool:

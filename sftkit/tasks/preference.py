@@ -217,7 +217,14 @@ def _on(batch: dict, device, drop: tuple[str, ...] = ()) -> dict:
 def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's trained tokens, their count), from the hidden states at those
     positions only: the LM head runs on trained positions, in chunks."""
-    from ..loss import _MODEL_INPUTS, FrozenHeadLogp, _frozen_plain_head, _unwrap, head_is_logits
+    from ..loss import (
+        _MODEL_INPUTS,
+        FrozenHeadLogp,
+        _frozen_plain_head,
+        _unwrap,
+        head_is_logits,
+        target_logps,
+    )
 
     labels = batch["labels"]
     targets = labels[:, 1:]
@@ -237,6 +244,8 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor,
             # LoRA and friends: the head's gradient taken in its forward pass, no logits kept
             parts = [FrozenHeadLogp.apply(hidden[i : i + chunk], head.weight, t[i : i + chunk])
                      for i in range(0, len(hidden), chunk)]
+        elif not torch.is_grad_enabled():  # the reference, evaluation: no logits kept at all
+            parts = [target_logps(head(hidden[i : i + chunk]).float(), t[i : i + chunk]) for i in range(0, len(hidden), chunk)]
         else:
             parts = [torch.log_softmax(head(hidden[i : i + chunk]).float(), -1).gather(-1, t[i : i + chunk, None])[:, 0]
                      for i in range(0, len(hidden), chunk)]

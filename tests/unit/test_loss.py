@@ -135,3 +135,15 @@ def test_the_frozen_head_log_prob_and_its_gradient_equal_autograds():
     (plain * upstream).sum().backward()
     torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_grad, hidden.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_in_place_log_probs_equal_log_softmax_even_for_large_logits():
+    from sftkit.loss import target_logps
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 300, generator=g) * 40 + torch.tensor([0.0, 500.0, -500.0, 90.0, 0.0])[:, None]
+    targets = torch.randint(0, 300, (5,), generator=g)
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+    got = target_logps(logits.clone(), targets)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
