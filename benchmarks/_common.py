@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -16,6 +17,18 @@ def machine() -> str:
                platform.processor())
     host = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     return f"{torch.cuda.get_device_name()}; {host}" if torch.cuda.is_available() else host
+
+
+def matmul_gflops() -> float:
+    """fp32 2048x2048 matmul rate of this machine now (it varies from day to day): the ceiling's unit."""
+    import torch
+
+    a = torch.randn(2048, 2048)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return 2 * 2048**3 * 10 / (time.perf_counter() - t) / 1e9
 
 
 def update_section(title: str, body: str, path: Path = DOC) -> Path:

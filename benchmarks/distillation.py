@@ -19,22 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import matmul_gflops  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "distillation"
 EVAL = ROOT / "examples" / "dates" / "eval.jsonl"
 KEEP = 20
 DISTILL = {"train.distill.weight": 0.5, "train.distill.temperature": 1.0, "train.distill.loss": "forward_kl"}
-
-
-def matmul_gflops() -> float:
-    import torch
-
-    a = torch.randn(2048, 2048)
-    a @ a
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    return 2 * 2048**3 * 10 / (time.perf_counter() - t) / 1e9
 
 
 def score(target: str, data_cfg=None) -> dict:
