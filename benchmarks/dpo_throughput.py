@@ -127,9 +127,9 @@ def main() -> None:
     if opts.child:
         return child(opts.child, opts)
     make_pairs()
-    gflops = [matmul_gflops()]
     results = {}
-    for name in opts.only or ROWS:
+    for name in opts.only or ROWS:  # in the order given: run TRL first to check the order does not favour a tool
+        gflops = matmul_gflops()  # the machine's speed drifts: each row is set against the rate just before it
         t0 = time.time()
         p = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(opts.steps), "--batch",
                             str(opts.batch)], capture_output=True, text=True, cwd=ROOT)
@@ -137,30 +137,32 @@ def main() -> None:
         if line is None:
             print(p.stderr[-3000:])
             raise SystemExit(f"{name} failed")
-        results[name] = json.loads(line[7:])
+        results[name] = {**json.loads(line[7:]), "gflops": gflops}
         print(name, results[name], f"({time.time() - t0:.0f}s)", flush=True)
-    gflops.append(matmul_gflops())
     # A ceiling in real tokens/s at the measured matmul rate: per token, the policy's forward and its
     # backward to the activations (LoRA: no weight gradients for the base) and the reference's forward,
     # 2 FLOPs per non-embedding weight each; the head, attention and the adapter are left out.
-    ceiling = min(gflops) * 1e9 / (3 * 2 * NON_EMBEDDING_PARAMS)
+    def ceiling(v: dict) -> float:
+        return v["gflops"] * 1e9 / (3 * 2 * NON_EMBEDDING_PARAMS)
+
     best_trl = max((v for k, v in results.items() if k.startswith("trl")), key=lambda v: v["tokens_per_s"], default=None)
-    lines = ["| row | real tokens/s | of the ceiling | s/step | peak RSS (MB) | loss (last step) | vs TRL's fastest |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | real tokens/s | matmul GFLOP/s before it | of the ceiling | s/step | peak RSS (MB) | loss (last step) "
+             "| vs TRL's fastest |", "|---|---|---|---|---|---|---|---|"]
     for k, v in results.items():
         ratio = (f"{v['tokens_per_s'] / best_trl['tokens_per_s']:.2f}x tokens/s, "
                  f"{v['peak_rss_mb'] / best_trl['peak_rss_mb']:.2f}x memory") if best_trl and k.startswith("sftkit") else "-"
-        lines.append(f"| {k} | {v['tokens_per_s']:.1f} | {v['tokens_per_s'] / ceiling:.0%} | {v['s_per_step']:.2f} | {v['peak_rss_mb']:.0f} | "
+        lines.append(f"| {k} | {v['tokens_per_s']:.1f} | {v['gflops']:.0f} | {v['tokens_per_s'] / ceiling(v):.0%} | "
+                     f"{v['s_per_step']:.2f} | {v['peak_rss_mb']:.0f} | "
                      f"{v['loss']:.4f} | {ratio} |")
     body = (f"`.venv/bin/python benchmarks/dpo_throughput.py --steps {opts.steps} --batch {opts.batch}` on {machine()}: "
             "SmolLM2-135M, fp32, LoRA r=16 on all linear layers, beta 0.1, batches of "
             f"{opts.batch} pairs of real text (max_length {MAX_LENGTH}), the first step untimed; the reference is the "
             "model with its adapter off in both tools. Target: at least 3x TRL's tokens/s at no more than half its "
-            f"peak memory. fp32 2048x2048 matmul at {gflops[0]:.0f} GFLOP/s before the rows and {gflops[1]:.0f} after; the "
-            f"ceiling, {ceiling:.0f} real tokens/s, is three passes of 2 FLOPs per non-embedding weight "
-            f"({NON_EMBEDDING_PARAMS / 1e6:.1f}M) per token at the lower rate (policy forward, its backward to the "
-            "activations, reference forward; the head, attention and the adapter left out), shared prompts "
-            "counted as if computed twice.\n\n" + "\n".join(lines))
+            f"peak memory. Rows ran in this order, each after an fp32 2048x2048 matmul measurement (the machine's "
+            "speed drifts); a row's ceiling is three passes of 2 FLOPs per non-embedding weight "
+            f"({NON_EMBEDDING_PARAMS / 1e6:.1f}M) per real token at that rate (policy forward, its backward to the "
+            "activations, reference forward; the head, attention and the adapter left out; shared prompts counted "
+            "as if computed twice).\n\n" + "\n".join(lines))
     print(body)
     print(f"wrote {update_section('DPO throughput against TRL', body)}")
 

@@ -20,7 +20,7 @@ phase "venv + install" make --no-print-directory "$VENV/.sftkit-installed"
 phase "model conversion" "$BIN/python" -c "from sftkit.models import resolve; resolve('smollm2-135m')"
 phase "training" "$BIN/sftkit" train configs/quickstart.yaml --overwrite
 phase "comparison" "$BIN/sftkit" compare smollm2-135m "$RUN" --data examples/dates/eval.jsonl --few-shot 3 \
-    --metrics exact_match --max-new-tokens 16 --batch-size 64
+    --metrics exact_match --max-new-tokens 12 --batch-size 200
 
 {
     echo "make demo, phase by phase (wall seconds on this machine):"
