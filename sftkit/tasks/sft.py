@@ -132,6 +132,20 @@ def load_teacher(cfg: Config, tok, device, model, examples: list) -> Distill | N
     return Distill(teacher, d.weight, d.temperature, d.loss, d.top_k)
 
 
+def packed_teacher(teacher, examples: list, share: bool) -> bool:
+    """A teacher run beside the student sees the student's packed rows: the same packing-aware
+    attention and the same numeric checks. Returns whether training's rows may still share their
+    opening (the teacher must give the logits of the examples laid out whole, as the student does)."""
+    log(f"teacher: packed rows, attention {use_packed_attention(teacher)}")
+    problem = packing_problem(teacher, examples)
+    if problem:
+        raise ConfigError(f"train.distill.teacher: {problem}")
+    why_not = prefix_sharing_problem(teacher, examples) if share else None
+    if why_not:
+        log(f"shared prefixes in training: off, the teacher: {why_not}")
+    return share and why_not is None
+
+
 def prepare(cfg: Config, run: Run) -> Job:
     log(f"loading model {cfg.model.name}")
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.peft.method == "qlora")
@@ -180,6 +194,8 @@ def prepare(cfg: Config, run: Run) -> Job:
     trainable, total = count_parameters(model)
     log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
     distill = load_teacher(cfg, tok, run.device, model, train_ex)
+    if distill is not None and distill.teacher is not None and cfg.data.pack:
+        share = packed_teacher(distill.teacher, train_ex, share)
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
                       cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length, rank=run.rank, world=run.world,
                       max_forward_tokens=forward_tokens(cfg), pad_multiple=pad_multiple(),
