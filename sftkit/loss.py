@@ -42,25 +42,30 @@ def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
 
 
-def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrites float32 `logits` (rows, vocab) with softmax - one-hot(targets), the gradient of the
-    cross-entropy with respect to them, and returns (log-sum-exp, target logit) per row. One exp over
-    the vocabulary and no full-size temporary: the head's logits are the largest tensor of a step."""
+def _exp_in_place(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Overwrites float32 `logits` (rows, vocab) with exp(logits - row max): one exp over the
+    vocabulary and no full-size temporary (the head's logits are the largest tensor of a step).
+    Returns (target logit, log-sum-exp, sum of the exps) per row, the last two keeping their dim."""
     target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
     top = logits.amax(-1, keepdim=True)
     total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+    return target_logit, top + total.log(), total
+
+
+def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrites `logits` with softmax - one-hot(targets), the cross-entropy's gradient with respect
+    to them; returns (log-sum-exp, target logit) per row."""
+    target_logit, lse, total = _exp_in_place(logits, targets)
     logits.div_(total)
     logits[torch.arange(len(targets), device=logits.device), targets] -= 1
-    return (top + total.log()).squeeze(-1), target_logit
+    return lse.squeeze(-1), target_logit
 
 
 def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row, without a gradient, overwriting float32 `logits`: as
     log_softmax(...).gather(...) with one exp over the vocabulary and no full-size output."""
-    target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
-    top = logits.amax(-1, keepdim=True)
-    total = logits.sub_(top).exp_().sum(-1, keepdim=True)
-    return target_logit - (top + total.log()).squeeze(-1)
+    target_logit, lse, _ = _exp_in_place(logits, targets)
+    return target_logit - lse.squeeze(-1)
 
 
 class _FrozenHeadCE(torch.autograd.Function):

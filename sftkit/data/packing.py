@@ -75,22 +75,29 @@ def pack_collate(bins: list[list[Example]], pad_id: int, share_prefix: bool = Fa
     of once per example."""
     examples = [e for b in bins for e in b]
     p = shared_prefix_length(examples) if share_prefix else 0
-    parts = ([examples[0].input_ids[:p]] if p else []) + [e.input_ids[p:] for e in examples]
-    label_parts = ([examples[0].labels[:p]] if p else []) + [e.labels[p:] for e in examples]
-    lengths = [len(x) for x in parts]
-    ids = torch.tensor([t for x in parts for t in x], dtype=torch.long)[None]
-    labels = torch.tensor([t for x in label_parts for t in x], dtype=torch.long)[None]
-    pos = torch.cat([torch.arange(n) + (p if p and k else 0) for k, n in enumerate(lengths)])[None]
+    segments = [(examples[0].input_ids[:p], examples[0].labels[:p], -1)] if p else []
+    segments += [(e.input_ids[p:], e.labels[p:], 0 if p else -1) for e in examples]
+    return packed_row(segments, sum(len(e.input_ids) for e in examples))
+
+
+def packed_row(segments: list[tuple[list[int], list[int], int]], real_tokens: int) -> dict:
+    """One flat row of (input ids, labels, parent) segments: a segment with parent -1 starts at
+    position 0 and attends to itself; one with a parent continues that earlier segment (positions go
+    on from the parent's; `sftkit_prefix_of`, read by `sftkit.attention`)."""
+    lengths = [len(ids) for ids, _, _ in segments]
+    parents = [parent for _, _, parent in segments]
+    ids = torch.tensor([t for x, _, _ in segments for t in x], dtype=torch.long)[None]
+    labels = torch.tensor([t for _, y, _ in segments for t in y], dtype=torch.long)[None]
+    pos = torch.cat([torch.arange(n) + (lengths[parent] if parent >= 0 else 0) for n, parent in zip(lengths, parents)])[None]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     # The first token of a segment is never a target: predicting it would use the previous
     # segment's last token, i.e. attend across examples.
     labels[0, cu[:-1].long()] = IGNORE
-    batch = {"input_ids": ids, "position_ids": pos, "labels": labels,
-             "real_tokens": torch.tensor(sum(len(e.input_ids) for e in examples)),
+    batch = {"input_ids": ids, "position_ids": pos, "labels": labels, "real_tokens": torch.tensor(real_tokens),
              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
-    if p:
-        batch["sftkit_prefix_of"] = [-1] + [0] * len(examples)
+    if any(parent >= 0 for parent in parents):
+        batch["sftkit_prefix_of"] = parents
     return batch
 
 

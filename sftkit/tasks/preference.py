@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError
 from ..data import renderer_for
-from ..data.packing import Batcher, pad_collate, shared_prefix_length
+from ..data.packing import Batcher, packed_row, pad_collate, shared_prefix_length
 from ..data.render import IGNORE, Example
 from ..data.sources import DataError, ReadStats, Row, parse_sources, read_source, split_eval
 from ..models import apply_method, count_parameters, load_model
@@ -183,29 +183,18 @@ def collate_pairs(bins: list[list[PairExample]], pad_id: int, share_prompt: bool
 
 def _pack_pairs(pairs: list[PairExample]) -> dict:
     n = len(pairs)
-    parts: list[tuple[list[int], list[int], int, int]] = []  # (ids, labels, parent segment, sequence id)
+    segments, seqs = [], []  # (ids, labels, parent segment) and whose reply each segment is (-1: a prompt)
     for i, pair in enumerate(pairs):
         p = shared_prefix_length([pair.chosen, pair.rejected])  # 0: a prompt too short to be worth it
         if p:
-            parts.append((pair.chosen.input_ids[:p], [IGNORE] * p, -1, -1))
-        root = len(parts) - 1 if p else -1
+            segments.append((pair.chosen.input_ids[:p], [IGNORE] * p, -1))
+            seqs.append(-1)
+        root = len(segments) - 1 if p else -1
         for seq, ex in ((i, pair.chosen), (n + i, pair.rejected)):
-            parts.append((ex.input_ids[p:], ex.labels[p:], root, seq))
-    lengths = [len(ids) for ids, *_ in parts]
-    parents = [parent for *_, parent, _ in parts]
-    ids = torch.tensor([t for x, *_ in parts for t in x], dtype=torch.long)[None]
-    labels = torch.tensor([y for _, ys, *_ in parts for y in ys], dtype=torch.long)[None]
-    pos = torch.cat([torch.arange(k) + (lengths[parent] if parent >= 0 else 0)
-                     for k, parent in zip(lengths, parents)])[None]
-    seq_ids = torch.cat([torch.full((k,), seq) for k, (*_, seq) in zip(lengths, parts)])[None]
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
-    labels[0, cu[:-1].long()] = IGNORE  # a segment's first token would be predicted across a boundary
-    batch = {"input_ids": ids, "position_ids": pos, "labels": labels, "sequence_ids": seq_ids,
-             "real_tokens": torch.tensor(sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)),
-             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
-    if any(parent >= 0 for parent in parents):
-        batch["sftkit_prefix_of"] = parents
+            segments.append((ex.input_ids[p:], ex.labels[p:], root))
+            seqs.append(seq)
+    batch = packed_row(segments, sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs))
+    batch["sequence_ids"] = torch.cat([torch.full((len(ids),), seq) for (ids, _, _), seq in zip(segments, seqs)])[None]
     return batch
 
 

@@ -132,18 +132,20 @@ def load_teacher(cfg: Config, tok, device, model, examples: list) -> Distill | N
     return Distill(teacher, d.weight, d.temperature, d.loss, d.top_k)
 
 
-def packed_teacher(teacher, examples: list, share: bool) -> bool:
-    """A teacher run beside the student sees the student's packed rows: the same packing-aware
-    attention and the same numeric checks. Returns whether training's rows may still share their
-    opening (the teacher must give the logits of the examples laid out whole, as the student does)."""
-    log(f"teacher: packed rows, attention {use_packed_attention(teacher)}")
-    problem = packing_problem(teacher, examples)
+def check_packing(model, examples: list, share: bool, who: str = "") -> bool:
+    """Packed rows for `model` (the student, or a teacher beside it that sees the same rows): the
+    packing-aware attention, refused where packing would change its results; returns whether the
+    rows may share their opening (only where that gives the examples' own logits too). Logged."""
+    log(f"{who}packed rows: attention {use_packed_attention(model)}")
+    problem = packing_problem(model, examples)
     if problem:
-        raise ConfigError(f"train.distill.teacher: {problem}")
-    why_not = prefix_sharing_problem(teacher, examples) if share else None
-    if why_not:
-        log(f"shared prefixes in training: off, the teacher: {why_not}")
-    return share and why_not is None
+        raise ConfigError(who + problem)
+    if not share:
+        return False
+    why_not = prefix_sharing_problem(model, examples)
+    log(f"{who}shared prefixes: each pass computes the untrained opening its examples share once" if why_not is None
+        else f"{who}shared prefixes: off, {why_not}")
+    return why_not is None
 
 
 def prepare(cfg: Config, run: Run) -> Job:
@@ -165,17 +167,7 @@ def prepare(cfg: Config, run: Run) -> Job:
         check_references(eval_rows)
     if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
         model.to(run.device)
-    share = False
-    if cfg.data.pack:
-        log(f"packed rows: attention {use_packed_attention(model)}")
-        problem = packing_problem(model, train_ex)
-        if problem:
-            raise ConfigError(problem)
-        if cfg.data.share_prefix:
-            why_not = prefix_sharing_problem(model, train_ex)
-            share = why_not is None
-            log("shared prefixes: each pass computes the untrained opening its examples share once" if share
-                else f"shared prefixes: off, {why_not}")
+    share = check_packing(model, train_ex, cfg.data.share_prefix) if cfg.data.pack else False
     scores = {}
     if cfg.eval.generate and cfg.eval.compare_base and run.start_ckpt is None and run.main:
         scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
@@ -195,7 +187,7 @@ def prepare(cfg: Config, run: Run) -> Job:
     log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
     distill = load_teacher(cfg, tok, run.device, model, train_ex)
     if distill is not None and distill.teacher is not None and cfg.data.pack:
-        share = packed_teacher(distill.teacher, train_ex, share)
+        share = check_packing(distill.teacher, train_ex, share, "train.distill.teacher: ")
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
                       cfg.data.pack, cfg.data.max_length, cfg.train.group_by_length, rank=run.rank, world=run.world,
                       max_forward_tokens=forward_tokens(cfg), pad_multiple=pad_multiple(),
