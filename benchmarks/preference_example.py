@@ -26,10 +26,11 @@ def scores(model_name: str, data_cfg, eval_path: str) -> dict:
     import torch
 
     from sftkit.data import renderer_for
+    from sftkit.data.pairs import read_pairs
     from sftkit.data.sources import ReadStats, load_rows
     from sftkit.evaluate import evaluate_model
     from sftkit.models import load_model
-    from sftkit.tasks.preference import build_pairs, preference_accuracy, read_pairs
+    from sftkit.tasks.preference import build_pairs, preference_accuracy
 
     model, tok = load_model(model_name, "float32")
     model.eval()

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from . import compat
+from .data.packing import pack_collate
+from .data.render import IGNORE, Example
 
 NAME = "sftkit_sdpa"
 
@@ -157,8 +159,6 @@ def packing_problem(model: torch.nn.Module, examples: list) -> str | None:
     its logits alone. Catches attention that ignores the examples' boundaries (ALiBi models such as
     Bloom, implementations that build no per-example mask) and anything else that would let packed
     examples see each other, for any model type, without a list to keep up to date."""
-    from .data.packing import pack_collate
-
     if len(examples) < 2:
         return None
     a, b = sorted(examples[:64], key=lambda e: -len(e.input_ids))[:2]
@@ -190,9 +190,6 @@ def prefix_sharing_problem(model: torch.nn.Module, examples: list) -> str | None
     flash call, which the per-example attention a shared prefix needs is not measured against.
     Checked numerically as packing is: two sequences that share their first 16 tokens, laid out as
     [prefix][rest of one][rest of the other], must give each one's logits alone."""
-    from .data.packing import pack_collate
-    from .data.render import IGNORE, Example
-
     impl = compat.attention_implementation(model)
     if impl != NAME:
         return f"attention {impl} (a shared prefix needs {NAME})"

@@ -13,11 +13,13 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -135,8 +137,6 @@ def write_failure(e: BaseException, where: Path) -> str | None:
     """What went wrong when `e` is a failed write, else None. The libraries report a full disk each
     their own way: OSError from Python, RuntimeError from torch.save's zip writer, SafetensorError
     from safetensors."""
-    from safetensors import SafetensorError
-
     if not isinstance(e, (OSError, RuntimeError, SafetensorError)):
         return None
     # torch.save's zip writer: "file write failed", or "unexpected pos" when a write came up short.
@@ -166,8 +166,6 @@ def read_meta(path: Path) -> dict:
 
 def load(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0, prefix: str = "") -> dict:
     """Restore trainable weights, optimizer, scheduler and RNG states; return the checkpoint's meta."""
-    from safetensors.torch import load_file
-
     load_trainable(model, load_file(str(path / "trainable.safetensors")), str(path), prefix)
     state = torch.load(path / "state.pt", weights_only=False)
     set_optimizer_state_dict(model, _inner(optimizer), state["optimizer"],
@@ -202,10 +200,6 @@ def size_estimate(model: torch.nn.Module) -> int:
 
 def problem(path: Path) -> str | None:
     """Why a checkpoint cannot be resumed from (a damaged file), or None when it reads back whole."""
-    import zipfile
-
-    from safetensors import safe_open
-
     try:
         meta = read_meta(path)
         if not isinstance(meta, dict) or "step" not in meta:

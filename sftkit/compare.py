@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import random
-import sys
 from pathlib import Path
 
-from .config import ConfigError, DataConfig, load_config
+import matplotlib
+
+from .config import Config, ConfigError, DataConfig, load_config, with_overrides
 from .data import renderer_for
 from .data.sources import Row, load_rows
 from .evaluate import EvalResult, evaluate_model
+from .export import write_card
 from .generate import load_for_inference
+from .job import log
+from .report import read_metrics
 
 
 def pick_shots(source: str, k: int, data_cfg: DataConfig, exclude: list[Row] | None = None, seed: int = 0) -> list[Row]:
@@ -34,8 +39,6 @@ def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None 
     model, tok, run_data = loaded or load_for_inference(target, adapter)
     data_cfg = data_cfg or run_data
     if data_overrides:  # on top of the run's own settings (template, system message, mask), not the defaults
-        from .config import Config, with_overrides
-
         data_cfg = with_overrides(Config(data=data_cfg), data_overrides).data
     rows = load_rows(data, data_cfg.format, data_cfg.columns, data_cfg.system)
     rows = rows[:limit] if limit > 0 else rows
@@ -58,8 +61,6 @@ def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None 
 def final_eval_of_run(run_dir: Path, data: str, limit: int) -> dict | None:
     """The run's own last eval (loss, perplexity, token accuracy) when it is the one `compare` would
     measure: the same held-out file, unchanged since the run started, scored with the final weights."""
-    import os
-
     cfg = load_config(run_dir / "config.yaml")
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -71,13 +72,7 @@ def final_eval_of_run(run_dir: Path, data: str, limit: int) -> dict | None:
         return None
     if not str(summary.get("final_weights", "")).startswith("last"):
         return None
-    from .report import _record
-
-    last = None
-    for line in open(run_dir / "metrics.jsonl", encoding="utf-8"):
-        record = _record(line)
-        if record is not None and "eval_loss" in record:
-            last = record
+    last = next((r for r in reversed(read_metrics(run_dir)) if "eval_loss" in r), None)
     if last is None or last.get("step") != summary.get("steps") or "eval_accuracy" not in last:
         return None
     return {"eval_loss": last["eval_loss"], "perplexity": last["eval_ppl"], "token_accuracy": last["eval_accuracy"]}
@@ -98,8 +93,6 @@ def table(results: dict[str, EvalResult]) -> str:
 
 
 def plot(results: dict[str, EvalResult], out: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -161,18 +154,17 @@ def compare(base: str, run: str, data: str, metrics: list[str], few_shot: int = 
     data_cfg = load_config(run_dir / "config.yaml").data
     kw = dict(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     results: dict[str, EvalResult] = {}
-    print(f"[sftkit] evaluating base model {base}", file=sys.stderr, flush=True)
+    log(f"evaluating base model {base}")
     base_model = load_for_inference(base)  # once, for the plain and the few-shot rows
     results["base"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, label="base", loaded=base_model, **kw)
-    print(f"[sftkit] evaluating tuned model {run}", file=sys.stderr, flush=True)
+    log(f"evaluating tuned model {run}")
     known = final_eval_of_run(run_dir, data, limit) if (run_dir / "summary.json").is_file() else None
     if known:
-        print("[sftkit] tuned model's eval loss: the run's final eval on the same rows and weights (not measured again)",
-              file=sys.stderr, flush=True)
+        log("tuned model's eval loss: the run's final eval on the same rows and weights (not measured again)")
     results["tuned"], _ = run_eval(run, data, metrics, data_cfg=data_cfg, label="tuned", known_loss=known, **kw)
     if few_shot:
         src = shots_from or (data_cfg.train if isinstance(data_cfg.train, str) else None)
-        print(f"[sftkit] evaluating base model with {few_shot} examples in the prompt", file=sys.stderr, flush=True)
+        log(f"evaluating base model with {few_shot} examples in the prompt")
         results[f"base+{few_shot}shot"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, few_shot=few_shot,
                                                       shots_from=src, label=f"base+{few_shot}-shot", loaded=base_model, **kw)
     del base_model
@@ -181,7 +173,5 @@ def compare(base: str, run: str, data: str, metrics: list[str], few_shot: int = 
     plot(results, run_dir / "compare.png")
     (run_dir / "report.md").write_text(report_md(results, data, metrics[0], base, run_dir))
     if (run_dir / "final").is_dir():  # the model card gains the comparison
-        from .export import write_card
-
         write_card(run_dir)
     return results, run_dir

@@ -6,6 +6,7 @@ sense is checked where it is used, so the message can say what it is used for.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -172,17 +173,17 @@ RESUME_SAFE_SECTIONS = ("eval.", "log.")
 
 def resume_conflicts(saved: dict[str, Any], current: Config) -> list[str]:
     """Keys whose change would make a resumed run differ from the run that wrote the checkpoint."""
-    now = _flatten_all(current.to_dict())
-    before = _flatten_all(saved)
+    now = flatten_all(current.to_dict())
+    before = flatten_all(saved)
     return [k for k in sorted(set(now) | set(before))
             if now.get(k) != before.get(k) and k not in RESUME_SAFE and not k.startswith(RESUME_SAFE_SECTIONS)]
 
 
-def _flatten_all(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_all(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and ((not prefix and k in _SECTIONS) or prefix + k in _SUBSECTIONS):
-            out.update(_flatten_all(v, f"{prefix}{k}."))
+            out.update(flatten_all(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -313,7 +314,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
-        values.update(_flatten_all(raw))
+        values.update(flatten_all(raw))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     values.update(overrides or {})
@@ -324,8 +325,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """A copy of `cfg` with dotted keys set (checked like any override)."""
-    import copy
-
     out = copy.deepcopy(cfg)
     for key, value in overrides.items():
         _set(out, key, value)

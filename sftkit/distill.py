@@ -28,11 +28,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from .config import Config, ConfigError
+from .data import prepare as prepare_data
+from .data import renderer_for
+from .data.packing import pad_collate
 from .data.render import IGNORE, Example
+from .job import cap_max_length, log
+from .loss import DIVERGENCES, Distill, head_is_logits
+from .models import load_model, load_tokenizer
+from .rundir import final_model
 
 CACHE_FILE = "distill_cache.json"
+PARTIAL_MARKER = ".sftkit-cache-partial"  # in <out>.partial while a cache is being written
 FORMAT = 1
 
 
@@ -119,19 +129,112 @@ class TeacherCache:
         return torch.from_numpy(logp).to(device), torch.from_numpy(idx).to(device)
 
 
+# -- the teacher beside the student, or its cache -----------------------------------------------
+def check_distill(cfg: Config) -> None:
+    """train.distill's settings, before anything is written."""
+    d = cfg.train.distill
+    if d.teacher is None:
+        return
+    if d.loss not in DIVERGENCES:
+        raise ConfigError(f"train.distill.loss: {d.loss!r} is not {' | '.join(DIVERGENCES)}")
+    if not 0 <= d.weight <= 1:
+        raise ConfigError(f"train.distill.weight: must be in [0, 1], got {d.weight}")
+    if not d.temperature > 0:
+        raise ConfigError(f"train.distill.temperature: must be above 0, got {d.temperature}")
+    if d.top_k < 0 or (d.top_k and d.loss != "forward_kl"):
+        raise ConfigError("train.distill.top_k: a whole number >= 0, and above 0 only with loss forward_kl "
+                          "(the other divergences need the teacher's whole distribution)")
+    if cfg.train.kl_to_base > 0:
+        raise ConfigError("train.distill and train.kl_to_base are two teachers; choose one")
+
+
+def tokenizer_difference(student, teacher) -> str | None:
+    """The first difference between two tokenizers that would make their distributions incomparable:
+    the vocabulary (token -> id) or a special token; None when they agree."""
+    sv, tv = student.get_vocab(), teacher.get_vocab()
+    if len(sv) != len(tv):
+        return f"vocabulary sizes differ: student {len(sv)}, teacher {len(tv)}"
+    for token, i in sorted(sv.items(), key=lambda x: x[1]):
+        if tv.get(token) != i:
+            return (f"token {token!r} is id {i} in the student and "
+                    + (f"id {tv[token]} in the teacher" if token in tv else "absent from the teacher"))
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if getattr(student, name, None) != getattr(teacher, name, None):
+            return f"{name} differs: student {getattr(student, name, None)!r}, teacher {getattr(teacher, name, None)!r}"
+    return None
+
+
+def check_teacher_tokenizer(cfg: Config, tok, teacher_tok) -> None:
+    difference = tokenizer_difference(tok, teacher_tok)
+    if difference:
+        raise ConfigError(f"train.distill.teacher {cfg.train.distill.teacher}: its tokenizer is not the student's "
+                          f"({cfg.model.name}): {difference}; distillation compares next-token distributions token by token")
+
+
+def output_width(model) -> int:
+    """Rows of the model's output layer (the vocabulary it scores, padding included)."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.vocab_size
+
+
+def load_teacher(cfg: Config, tok, device, model, examples: list) -> Distill | None:
+    """The teacher (train.distill.teacher): a model name, directory or run, frozen, in eval mode; or an
+    offline cache made by `sftkit distill cache`, bound to this run's training examples. Refused when
+    its tokenizer differs from the student's, or when the cache was made from other data."""
+    d = cfg.train.distill
+    if d.teacher is None:
+        return None
+    if is_cache(d.teacher):
+        check_teacher_tokenizer(cfg, tok, AutoTokenizer.from_pretrained(d.teacher))  # saved with the cache
+        if d.loss != "forward_kl":
+            raise ConfigError(f"train.distill.loss={d.loss}: a cache of the teacher's top-k log-probs gives forward_kl "
+                              "only (the other divergences need its whole distribution); set train.distill.loss=forward_kl")
+        cache = TeacherCache(d.teacher, d.top_k)
+        width = output_width(model)
+        if cache.vocab > width:
+            raise ConfigError(f"train.distill.teacher {d.teacher}: the cached teacher scores {cache.vocab} tokens, the "
+                              f"student's output layer {width}")
+        cache.bind(examples, data_section(cfg))
+        log(f"distilling from the cache {d.teacher} (teacher {cache.meta['teacher']}, top {cache.use} of "
+            f"{cache.meta['vocab']} tokens, {cache.meta['tokens']:,} trained tokens; weight {d.weight}, "
+            f"temperature {d.temperature})")
+        return Distill(None, d.weight, d.temperature, d.loss, cache.use, cache=cache)
+    name = final_model(d.teacher)
+    check_teacher_tokenizer(cfg, tok, load_tokenizer(name))
+    log(f"loading teacher {d.teacher} (distillation: {d.loss}, weight {d.weight}, temperature {d.temperature}"
+        + (f", top {d.top_k}" if d.top_k else "") + ")")
+    teacher, _ = load_model(name, cfg.model.dtype)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return Distill(teacher, d.weight, d.temperature, d.loss, d.top_k)
+
+
+# -- making the cache ---------------------------------------------------------------------------
+def _holds(path: Path) -> str:
+    found = sorted(p.name for p in path.iterdir())
+    return ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+
+
+def check_cache_out(out: Path, partial: Path, overwrite: bool) -> None:
+    """`--out` and its `.partial` sibling may be replaced only when they hold a cache (or an interrupted
+    one) of this command's, or nothing: the same rule as `train --overwrite`, nothing else deleted."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"distill cache: --out {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"distill cache: {out} exists and is not empty; choose another --out or pass --overwrite")
+        if not is_cache(out):
+            raise ConfigError(f"distill cache --overwrite: {out} holds {_holds(out)}, which is not a teacher cache (no "
+                              f"{CACHE_FILE}); nothing was deleted. Choose another --out")
+    if partial.exists() and (not partial.is_dir() or (any(partial.iterdir())
+                                                      and not (partial / PARTIAL_MARKER).is_file())):
+        raise ConfigError(f"distill cache: {partial}, where the cache is written before it is moved to {out}, exists "
+                          f"and is not an interrupted cache of this command's ({_holds(partial) if partial.is_dir() else 'a file'}); "
+                          "nothing was deleted. Move it away or choose another --out")
+
+
 def build(cfg: Config, out: Path, overwrite: bool = False, batch_size: int = 16) -> dict:
     """Run the teacher (train.distill.teacher) over the training examples the config gives and write
     its top-k (train.distill.top_k) per trained token to `out`."""
-    from tqdm.auto import tqdm
-
-    from .data import prepare as prepare_data
-    from .data import renderer_for
-    from .data.packing import pad_collate
-    from .loss import head_is_logits
-    from .models import load_model, load_tokenizer
-    from .tasks.sft import check_teacher_tokenizer, output_width, teacher_model_path
-    from .trainer import cap_max_length, log
-
     d = cfg.train.distill
     if cfg.task != "sft":
         raise ConfigError(f"distill cache: task {cfg.task!r}; distillation is for task: sft")
@@ -142,9 +245,9 @@ def build(cfg: Config, out: Path, overwrite: bool = False, batch_size: int = 16)
     if d.top_k <= 0:
         raise ConfigError("distill cache: set train.distill.top_k, the teacher's log-probs to keep per trained token "
                           "(e.g. train.distill.top_k=32)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"distill cache: {out} exists and is not empty; choose another --out or pass --overwrite")
-    name = teacher_model_path(d.teacher)
+    tmp = out.with_name(out.name + ".partial")
+    check_cache_out(out, tmp, overwrite)
+    name = final_model(d.teacher)
     tok = load_tokenizer(cfg.model.name, cfg.model.revision)
     check_teacher_tokenizer(cfg, tok, load_tokenizer(name))
     log(f"loading teacher {d.teacher}")
@@ -168,9 +271,9 @@ def build(cfg: Config, out: Path, overwrite: bool = False, batch_size: int = 16)
     vocab = output_width(teacher)
     index_dtype = np.uint16 if vocab <= 65536 else np.int32
     k = min(d.top_k, vocab)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # checked above: absent, empty, or an interrupted cache of ours
     tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARKER).write_text("an interrupted `sftkit distill cache`: the next one may replace this folder\n")
     total = int(offsets[-1])
     logprobs = np.lib.format.open_memmap(tmp / "logprobs.npy", "w+", np.float32, (total, k))
     indices = np.lib.format.open_memmap(tmp / "indices.npy", "w+", index_dtype, (total, k))
@@ -211,7 +314,8 @@ def build(cfg: Config, out: Path, overwrite: bool = False, batch_size: int = 16)
             "tokens": total, "model": cfg.model.name, "data": data_given,
             "bytes": sum(f.stat().st_size for f in tmp.glob("*.npy"))}
     (tmp / CACHE_FILE).write_text(json.dumps(meta, indent=1))
+    (tmp / PARTIAL_MARKER).unlink()
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # checked above: empty, or a cache this command wrote
     tmp.rename(out)
     return meta

@@ -17,6 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
+from .attention import packed_layout
+from .data.packing import pack_collate, pad_collate, pad_multiple
+from .data.render import build_examples
+from .data.sources import DataError
+from .generate import generate
+from .loss import TokenLoss, token_loss
+
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
@@ -171,11 +181,6 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int, desc: str 
     row with no padding (and with `share_prefix` their shared opening computed once): the same sums,
     for models where packing is exact (`sftkit.attention.packing_problem`). `pass_tokens` > 0 fills
     each packed pass with examples up to that many tokens instead of `batch_size` examples."""
-    import torch
-
-    from .data.packing import pack_collate, pad_collate, pad_multiple
-    from .loss import TokenLoss, token_loss
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -184,7 +189,6 @@ def loss_metrics(model, examples: list, batch_size: int, pad_id: int, desc: str 
     passes = _passes(order, [len(e.input_ids) for e in examples], pass_tokens) if pack and pass_tokens else \
         [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
     total, tokens, correct = 0.0, 0, 0
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=len(order), desc=desc, file=sys.stderr, leave=False, disable=desc is None)
     with torch.no_grad():
@@ -222,8 +226,6 @@ def _passes(order: list[int], lengths: list[int], budget: int) -> list[list[int]
 
 def check_references(rows: list) -> None:
     """Generation scores the model's reply against the row's last message, which must be a reply."""
-    from .data.sources import DataError
-
     for r in rows:
         if r.text is None and r.messages[-1]["role"] != "assistant":
             raise DataError(f"{r.source}:{r.line}: messages[{len(r.messages) - 1}]: the row ends with a "
@@ -235,12 +237,6 @@ def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: boo
                    max_new_tokens: int = 64, batch_size: int = 16, shots: list | None = None, sampling: dict | None = None,
                    label: str = "model") -> EvalResult:
     """Loss metrics on trained tokens and generation metrics on the final reply of each row."""
-    from tqdm.auto import tqdm
-
-    from .attention import packed_layout
-    from .data.render import build_examples
-    from .generate import generate
-
     result = EvalResult()
     if loss:
         examples, _ = build_examples(rows, renderer)

@@ -9,15 +9,27 @@ with the `gguf` package's writer in llama.cpp's conventions and read back by tra
 
 from __future__ import annotations
 
+import fnmatch
 import json
-import sys
+import os
+import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from huggingface_hub import HfApi
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import ConfigError
-from .models import load_model
+from .config import ConfigError, load_config
+from .data import read, renderer_for
+from .data.pairs import read_pairs
+from .data.render import TEMPLATES, build_examples
+from .data.sources import ReadStats, Row
+from .job import log
+from .models import load_model, load_tokenizer
+from .rundir import final_model_dir
 
 # Largest absolute difference of next-token logits allowed between the run's model and its
 # export, by weight type. f32 must be the same model; a merged LoRA only sums in another order.
@@ -33,8 +45,6 @@ GGUF_ARCHITECTURES = ("llama",)  # model_type -> the llama.cpp architecture of t
 
 def merge_adapter(base_name: str, adapter_dir: str | Path, dtype: str = "auto", revision: str | None = None):
     """Base model (full precision) + adapter -> one merged transformers model."""
-    from peft import PeftModel
-
     base, _ = load_model(base_name, dtype, revision)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
@@ -47,8 +57,6 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _tensor(data: np.ndarray, kind: str):
     """(array, GGML type): 1-D tensors (norms) stay f32, as llama.cpp keeps them."""
-    import gguf
-
     if data.ndim == 1 or kind == "f32":
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
     if kind == "f16":
@@ -91,8 +99,6 @@ def _tokenizer_metadata(writer, tok) -> None:
 
 def write_gguf(model, tok, path: Path, kind: str = "f32", name: str = "sftkit model") -> Path:
     """A llama.cpp GGUF file of a Llama-family transformers model: weights, tokenizer, chat template."""
-    import gguf
-
     if kind not in GGUF_TYPES:
         raise ConfigError(f"--gguf-type: {kind!r} is not one of {', '.join(GGUF_TYPES)}")
     c = model.config
@@ -142,26 +148,36 @@ def write_gguf(model, tok, path: Path, kind: str = "f32", name: str = "sftkit mo
 
 def load_gguf(path: Path):
     """Model and tokenizer as transformers reads a GGUF file (de-quantized to fp32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tok
 
 
+CAUSAL_TASKS = ("sft", "preference")  # tasks whose final model is a causal LM (merge, GGUF)
+
+# What an exported model folder holds: `--overwrite` replaces these, and refuses a folder holding anything else.
+OWNED = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+         "adapter_config.json", "adapter_model.*", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+         "chat_template.json", "README.md", "pruning.json")
+
+
 # -- checking an export ----------------------------------------------------------------------------
 def probe_rows(run: Path, n: int = 4) -> list[list[int]]:
-    """Token ids of a few of the run's own training rows, rendered as training rendered them."""
-    from .config import load_config
-    from .data import read, renderer_for
-    from .data.render import build_examples
-    from .models import load_tokenizer
-
+    """Token ids of a few of the run's own training rows, rendered as training rendered them (for a
+    preference run: each pair's prompt and chosen reply)."""
     cfg = load_config(run / "config.yaml")
-    tok_dir = run / "final" / "model"
+    tok_dir = final_model_dir(run)
     tok = load_tokenizer(str(tok_dir)) if (tok_dir / "tokenizer_config.json").is_file() else load_tokenizer(cfg.model.name)
-    rows, _, _ = read(cfg.data, cfg.train.seed)
-    exs, _ = build_examples(rows[: n * 4], renderer_for(cfg.data, tok))
+    renderer = renderer_for(cfg.data, tok)
+    if cfg.task == "preference":
+        pairs, _ = read_pairs(cfg, ReadStats())
+        rows = [Row(p.prompt + p.chosen, p.source, p.line, "prompt_completion", n_prompt=len(p.prompt))
+                for p in pairs[: n * 4]]
+    else:
+        rows, _, _ = read(cfg.data, cfg.train.seed)
+        rows = rows[: n * 4]
+    exs, _ = build_examples(rows, renderer)
     return [e.input_ids[:256] for e in exs[:n]]
 
 
@@ -186,9 +202,8 @@ def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, rows: list[list
 def check_export(reference, exported, rows: list[list[int]], kind: str, what: str) -> float:
     diff, top1 = logit_agreement(reference, exported, rows)
     tol = EXPORT_TOLERANCE[kind]
-    print(f"[sftkit] {what}: max |logit difference| over {sum(map(len, rows))} positions of {len(rows)} training rows "
-          f"= {diff:.2e} (tolerance for {kind}: {tol:g}); same most likely token at {top1:.1%} of them",
-          file=sys.stderr, flush=True)
+    log(f"{what}: max |logit difference| over {sum(map(len, rows))} positions of {len(rows)} training rows "
+        f"= {diff:.2e} (tolerance for {kind}: {tol:g}); same most likely token at {top1:.1%} of them")
     if not diff <= tol:
         raise ExportMismatch(f"{what}: the export differs from the run's model by {diff:.3g} in the logits, more than "
                              f"the {tol:g} allowed for {kind}; the file was kept for inspection but should not be used")
@@ -212,8 +227,6 @@ _GO_TEMPLATES = {
 
 def template_family(tok) -> str | None:
     """chatml or llama-3 when the tokenizer's chat template renders a conversation as that format does."""
-    from .data.render import TEMPLATES
-
     probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
     try:
         mine = tok.apply_chat_template(probe, tokenize=False)
@@ -225,20 +238,43 @@ def template_family(tok) -> str | None:
     return None
 
 
+def default_system(tok, family: str) -> str | None:
+    """The system message the tokenizer's template writes when a conversation has none (SmolLM2's
+    own, or the data.system a run baked in), read by rendering with and without one."""
+    mark = "\x00SYSTEM\x00"
+    user = [{"role": "user", "content": "U"}]
+    try:
+        before, after = tok.apply_chat_template([{"role": "system", "content": mark}, *user], tokenize=False,
+                                                chat_template=TEMPLATES[family]).split(mark)
+        mine = tok.apply_chat_template(user, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this writes no default we can read
+        return None
+    if not mine.startswith(before) or after not in mine[len(before):]:
+        return None
+    return mine[len(before):].split(after, 1)[0]
+
+
 def modelfile(gguf_name: str, tok, system: str | None) -> str:
-    """An Ollama Modelfile for the GGUF beside it: template, stop tokens, system message."""
+    """An Ollama Modelfile for the GGUF beside it: template, stop tokens, and the system message the
+    model was trained with (data.system, else the one its template writes by default)."""
     lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
     family = template_family(tok)
     if family:
         template, stops = _GO_TEMPLATES[family]
         lines.append(f'TEMPLATE """{template}"""')
+        system = system or default_system(tok, family)
     else:
         lines.append("# the chat template is not one Ollama's Go templates are written for here; Ollama reads the "
                      "GGUF's own tokenizer.chat_template")
         stops = []
     stops = list(dict.fromkeys(stops + ([tok.eos_token] if tok.eos_token else [])))
     lines += [f'PARAMETER stop "{s}"' for s in stops]
-    if system:
+    if system and '"""' in system:
+        log('the system message contains """, which a Modelfile cannot quote: the Modelfile has no SYSTEM line; '
+            "give it at run time (ollama run NAME, then /set system ...)")
+        lines.append('# the system message the model was trained with contains """ and cannot be written here; '
+                     "set it at run time: /set system ...")
+    elif system:
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"
 
@@ -262,8 +298,6 @@ def _fmt(v) -> str:
 def model_card(run: Path) -> str:
     """README.md for a run's final model, written from the run's own files (config.yaml, summary.json,
     data_quality.json, compare/*/eval.json): no number in it is typed by hand."""
-    from .config import load_config
-
     cfg = load_config(run / "config.yaml")
     summary = _read_json(run / "summary.json")
     quality = _read_json(run / "data_quality.json")
@@ -317,10 +351,14 @@ def model_card(run: Path) -> str:
                   "|---|" + "---|" * len(compared)]
         for k in keys:
             lines.append(f"| {k} | " + " | ".join(_fmt(m.get(k, "-")) for m in compared.values()) + " |")
-    lines += ["", "## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              'model = AutoModelForCausalLM.from_pretrained("PATH/final/model")',
+    auto = "AutoModelForCausalLM" if cfg.task in CAUSAL_TASKS else "AutoModelForSequenceClassification"
+    lines += ["", "## How to load", "", "```python", f"from transformers import {auto}, AutoTokenizer",
+              f'model = {auto}.from_pretrained("PATH/final/model")',
               'tokenizer = AutoTokenizer.from_pretrained("PATH/final/model")  # carries the chat template trained',
               "```"]
+    if cfg.task not in CAUSAL_TASKS:
+        lines += ["", "A classifier (a reward model: one output, the score); it has no GGUF export.", ""]
+        return "\n".join(lines)
     if lora:
         lines += ["", "The LoRA adapter alone (peft):", "", "```python", "from peft import PeftModel",
                   f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "PATH/final/adapter")',
@@ -342,8 +380,6 @@ def write_card(run: Path) -> None:
 def hub_folder(run: Path, exported: Path | None = None, gguf_file: Path | None = None) -> Path:
     """The folder `--push-to-hub` uploads: the exported model folder (or the run's final model) with its
     card, plus the GGUF file and Modelfile when one was written. Built here, uploaded by the caller."""
-    import shutil
-
     folder = exported if exported is not None else run / "hub"
     if exported is None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -355,3 +391,141 @@ def hub_folder(run: Path, exported: Path | None = None, gguf_file: Path | None =
         if (gguf_file.parent / "Modelfile").is_file():
             shutil.copy2(gguf_file.parent / "Modelfile", folder / "Modelfile")
     return folder
+
+
+# -- `sftkit export` --------------------------------------------------------------------------------
+def export_run(run: Path, out: Path | None, merge: bool, gguf_file: Path | None, gguf_type: str,
+               push_to_hub: str | None, overwrite: bool) -> None:
+    """A run's model as a Hugging Face folder (`merge`: the adapter merged in) and/or a GGUF file,
+    each written aside, checked by loading it back and comparing logits with the run's model, and
+    only then moved into place; `push_to_hub` uploads the result with its card. Every refusal comes
+    before anything is written."""
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"export: {run} is not a run directory (no config.yaml)")
+    if not final_model_dir(run).is_dir():
+        raise ConfigError(f"export: {run} has no final model (did the run finish?)")
+    if not (out or gguf_file or push_to_hub):
+        raise ConfigError("export: say where: --out DIR (a Hugging Face folder), --gguf FILE.gguf, and/or --push-to-hub REPO")
+    cfg = load_config(run / "config.yaml")
+    if gguf_file is not None:
+        if cfg.task not in CAUSAL_TASKS:
+            raise ConfigError(f"export --gguf: {run} is a task: {cfg.task} run, whose model is a classifier "
+                              "(AutoModelForSequenceClassification); GGUF is for causal language models. Use --out")
+        check_gguf_target(gguf_file, overwrite)
+    if out is not None:
+        owned_entries(out, overwrite)
+        owned_entries(out.with_name(out.name + ".partial"), overwrite=True)  # an interrupted export's, or refused
+    written = export_gguf(run, cfg, gguf_file, gguf_type) if gguf_file else None
+    if out:
+        export_folder(run, cfg, out, merge)
+    if push_to_hub:
+        upload(push_to_hub, hub_folder(run, out, written))
+
+
+def owned_entries(out: Path, overwrite: bool) -> list[Path]:
+    """What of `out` an export replaces: nothing when it is absent or empty; with --overwrite, the
+    files an exported model folder holds. Refused when it holds anything else (nothing is deleted)."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise ConfigError(f"export: --out {out} is a file, not a folder")
+    found = sorted(out.iterdir())
+    if found and not overwrite:
+        raise ConfigError(f"export: {out} is not empty; pass --overwrite to replace the model in it")
+    foreign = [p.name for p in found if p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in OWNED)]
+    if foreign:
+        raise ConfigError(f"export --overwrite: {out} holds {', '.join(foreign[:5])}"
+                          + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                          + ", which an exported model folder does not; nothing was deleted. Choose another --out")
+    return found
+
+
+def _aside(out: Path) -> Path:
+    """`<out>.partial`, where the folder is written and checked before it moves into place: emptied of
+    an interrupted export's files (owned_entries refuses it, deleting nothing, if it holds others)."""
+    tmp = out.with_name(out.name + ".partial")
+    for p in owned_entries(tmp, overwrite=True):
+        p.unlink()
+    if tmp.exists():
+        tmp.rmdir()
+    return tmp
+
+
+def _into_place(tmp: Path, out: Path) -> None:
+    """The checked folder replaces what an export owns in `out` (checked by owned_entries)."""
+    for p in owned_entries(out, overwrite=True):
+        p.unlink()
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def export_folder(run: Path, cfg, out: Path, merge: bool) -> None:
+    """full / freeze runs and classifiers: the final model copied; LoRA: the adapter, or with `merge`
+    the base with the adapter merged in, checked against base + adapter as training ran it."""
+    adapter = run / "final" / "adapter"
+    tmp = _aside(out)
+    if not adapter.is_dir() or not merge:
+        src = final_model_dir(run) if not adapter.is_dir() else adapter
+        shutil.copytree(src, tmp)
+        _into_place(tmp, out)
+        print(f"copied {src} to {out}" + ("" if not adapter.is_dir() else " (add --merge for a standalone model)"))
+        return
+    merged = merge_adapter(cfg.model.name, adapter, "float32", cfg.model.revision)
+    merged.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(tmp)  # the tokenizer the run saved, with its template
+    card = final_model_dir(run) / "README.md"
+    (tmp / "README.md").write_text(card.read_text() if card.is_file() else model_card(run))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    qlora = cfg.peft.method == "qlora"
+    base, _ = load_model(cfg.model.name, "float32" if not qlora else cfg.model.dtype, cfg.model.revision, qlora)
+    unmerged = PeftModel.from_pretrained(base, str(adapter)).eval()
+    rows = probe_rows(run)
+    if qlora:  # merged into full precision vs the 4-bit model it trained with: report, do not hide
+        diff = max_logit_difference(unmerged, reloaded, rows)
+        log(f"QLoRA: merged into the full-precision base vs the 4-bit training model: max |logit difference| "
+            f"{diff:.3g} (the 4-bit rounding of the base; not a fault of the export)")
+    else:
+        check_export(unmerged, reloaded, rows, "merge", f"merged model {out}")
+    _into_place(tmp, out)
+    print(f"merged {adapter} into {cfg.model.name} -> {out} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def check_gguf_target(path: Path, overwrite: bool) -> None:
+    if path.suffix != ".gguf":
+        raise ConfigError(f"--gguf {path}: the file name must end in .gguf")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--gguf {path} exists; pass --overwrite to replace it")
+    if (path.parent / "Modelfile").exists() and not overwrite:
+        raise ConfigError(f"--gguf {path}: {path.parent / 'Modelfile'} exists (another export's?); pass --overwrite to "
+                          "replace it, or write the GGUF into another folder")
+
+
+def export_gguf(run: Path, cfg, path: Path, kind: str) -> Path:
+    """The final model as a GGUF file with an Ollama Modelfile beside it: written aside, checked by
+    reading it back, then moved into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = final_model_dir(run)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    tmp = path.with_name(path.stem + ".partial.gguf")
+    write_gguf(model, tok, tmp, kind, name=run.name)
+    reloaded, _ = load_gguf(tmp)
+    check_export(model, reloaded, probe_rows(run), kind, f"GGUF {path} ({kind})")
+    os.replace(tmp, path)
+    (path.parent / "Modelfile.partial").write_text(modelfile(path.name, tok, cfg.data.system))
+    os.replace(path.parent / "Modelfile.partial", path.parent / "Modelfile")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {kind}) and {path.parent / 'Modelfile'}")
+    return path
+
+
+def upload(repo: str, folder: Path) -> None:
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(folder))
+    except Exception as e:  # noqa: BLE001 - offline, no token, no rights: one line whatever the cause
+        raise ConfigError(f"--push-to-hub {repo}: upload failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); the folder it would upload is "
+                          f"{folder}") from None
+    print(f"uploaded {folder} to {repo}")

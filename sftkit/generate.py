@@ -1,15 +1,28 @@
-"""Generation with the same rendering as training: batched replies, streaming chat, model loading."""
+"""Generation with the same rendering as training: batched replies, rejection sampling (best of N by
+a scorer), streaming chat, model loading."""
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from threading import Thread
 
 import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import DynamicCache, TextIteratorStreamer
 
+from .compat import cache_argument
 from .config import Config, ConfigError, DataConfig, load_config
 from .data import renderer_for
 from .data.render import Renderer
+from .data.sources import DataError, read_source
+from .models import load_model
+from .rundir import final_model_dir
 
 
 def load_for_inference(target: str, adapter: str | None = None, dtype: str = "auto"):
@@ -18,22 +31,18 @@ def load_for_inference(target: str, adapter: str | None = None, dtype: str = "au
     Returns (model, tokenizer, data config): a run's own data settings (template, system message)
     so a reply is asked for exactly as the model was trained to give it.
     """
-    from .models import load_model
-
     p = Path(target)
     data_cfg = DataConfig()
     if (p / "config.yaml").is_file() and (p / "final").is_dir():
         run_cfg: Config = load_config(p / "config.yaml")
         data_cfg = run_cfg.data
-        if adapter is None and not (p / "final" / "model").is_dir():
+        if adapter is None and not final_model_dir(p).is_dir():
             raise ConfigError(f"{p}: the run has no final/model (did it finish?)")
-        target = str(p / "final" / "model")
+        target = str(final_model_dir(p))
     elif (p / "config.yaml").is_file() and not (p / "final").is_dir():
         raise ConfigError(f"{p}: this run has not finished (no final/); resume it or pass a checkpoint's model")
     model, tok = load_model(target, dtype)
     if adapter is not None:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter directory)")
         model = PeftModel.from_pretrained(model, adapter)
@@ -61,12 +70,8 @@ def shared_prefix(encoded: list[list[int]], least: int = 8) -> int:
 def prefix_cache(model, ids: list[int], device):
     """The KV cache of the shared prefix, computed once and copied into each batch (None where the
     model has no cache to reuse)."""
-    from transformers import DynamicCache
-
     if not getattr(getattr(model, "config", None), "use_cache", False) or getattr(model.config, "is_encoder_decoder", False):
         return None
-    from .compat import cache_argument
-
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_argument(model): cache})
     return cache
@@ -81,8 +86,6 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
     The prefix all prompts share (system message, few-shot examples) is run once and its KV cache
     reused by every batch: rows are laid out as [prefix][left padding][own tokens], positions
     counted over the real tokens only, so each row sees what it would see alone."""
-    import copy
-
     tok = renderer.tok
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was_training = model.training
@@ -111,8 +114,6 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
             mask[row, width - len(own[i]):] = 1
         extra = {}
         if cache is not None:
-            from .compat import cache_argument
-
             extra[cache_argument(model)] = copy.deepcopy(cache)
             extra[cache_argument(model)].batch_repeat_interleave(len(idx))
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
@@ -129,10 +130,6 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
 def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
          stdin=None, stdout=None) -> None:
     """Interactive chat that streams tokens. Commands: /reset, /system TEXT, /exit."""
-    from threading import Thread
-
-    from transformers import TextIteratorStreamer
-
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     renderer = renderer_for(data_cfg, tok)
     system = data_cfg.system
@@ -156,7 +153,8 @@ def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperatur
         if text.startswith("/system"):
             system = text[len("/system"):].strip() or None
             history = []
-            print(f"(system message {'set' if system else 'cleared'}; conversation cleared)", file=stdout)
+            state = "set" if system else ("back to the run's data.system" if renderer.system else "cleared")
+            print(f"(system message {state}; conversation cleared)", file=stdout)
             continue
         history.append({"role": "user", "content": text})
         msgs = ([{"role": "system", "content": system}] if system else []) + history
@@ -175,3 +173,76 @@ def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperatur
         worker.join()
         print(file=stdout)
         history.append({"role": "assistant", "content": reply.strip()})
+
+
+# -- prompts from a file, and the best of N ---------------------------------------------------------
+def prompt_of(obj, path: str, line: int) -> list[dict[str, str]]:
+    """An input row for generation as the conversation to reply to: `messages` (a trailing reply is
+    dropped) ending with a user turn, or `prompt` (a string or a message list)."""
+    if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+        msgs = [m for m in obj["messages"] if isinstance(m, dict)]
+        while msgs and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        if msgs and msgs[-1].get("role") == "user":
+            return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+        return [{"role": "user", "content": obj["prompt"]}]
+    elif isinstance(obj, dict) and isinstance(obj.get("prompt"), list):
+        return obj["prompt"]
+    raise DataError(f"{path}:{line}: expected `messages` ending with a user turn, or `prompt`")
+
+
+def read_prompts(path: str) -> list[tuple[dict, list[dict[str, str]]]]:
+    """(row as read, its conversation) for every row of a prompts file; a bad row stops, naming its line."""
+    out = []
+    for line, obj in read_source(path):
+        if isinstance(obj, DataError):
+            raise obj
+        out.append((obj, prompt_of(obj, path, line)))
+    return out
+
+
+def generate_file(model, renderer: Renderer, rows: list[tuple[dict, list]], output: str, max_new_tokens: int,
+                  batch_size: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> int:
+    """Each row plus `generated` (its reply) into `output` (JSONL); returns the rows written."""
+    with tqdm(total=len(rows), desc="generate", file=sys.stderr) as bar:
+        replies = generate(model, renderer, [p for _, p in rows], max_new_tokens, batch_size, bar.update,
+                           temperature=temperature, top_p=top_p, seed=seed)
+    with open(output, "w", encoding="utf-8") as f:
+        for (obj, _), reply in zip(rows, replies):
+            f.write(json.dumps({**obj, "generated": reply}, ensure_ascii=False) + "\n")
+    return len(replies)
+
+
+def best_of_n(model, renderer: Renderer, rows: list[tuple[dict, list]], score: Callable[[list], list[float]],
+              n: int, output: str, pairs_out: str | None, max_new_tokens: int, batch_size: int,
+              temperature: float, top_p: float = 1.0, seed: int = 0) -> int:
+    """Rejection sampling: `n` sampled replies per prompt, scored by `score` (a list of (prompt
+    messages, reply messages) -> a list of floats, e.g. a reward model's); the best is kept with every
+    candidate's score, and `pairs_out` gets (best, worst) as preference pairs. Returns the pairs written."""
+    if n < 2:
+        raise ConfigError("--best-of N needs N >= 2")
+    if temperature <= 0:
+        raise ConfigError("--best-of samples: give --temperature > 0 (e.g. 0.8), or the N replies are the same")
+    prompts = [p for _, p in rows]
+    samples: list[list[str]] = [[] for _ in prompts]
+    with tqdm(total=len(prompts) * n, desc=f"generate (best of {n})", file=sys.stderr) as bar:
+        for k in range(n):  # the k-th sample of every prompt, with its own seed
+            for i, reply in enumerate(generate(model, renderer, prompts, max_new_tokens, batch_size, bar.update,
+                                               temperature=temperature, top_p=top_p, seed=seed + k)):
+                samples[i].append(reply)
+    scores = score([(p, [{"role": "assistant", "content": r}]) for p, rs in zip(prompts, samples) for r in rs])
+    pairs = 0
+    with open(output, "w", encoding="utf-8") as out, \
+            (open(pairs_out, "w", encoding="utf-8") if pairs_out else nullcontext()) as pairs_file:
+        for i, ((obj, prompt), replies) in enumerate(zip(rows, samples)):
+            s = scores[i * n : (i + 1) * n]
+            best, worst = max(range(n), key=s.__getitem__), min(range(n), key=s.__getitem__)
+            out.write(json.dumps({**obj, "generated": replies[best], "score": s[best],
+                                  "candidates": [{"reply": r, "score": x} for r, x in zip(replies, s)]},
+                                 ensure_ascii=False) + "\n")
+            if pairs_file is not None and s[best] > s[worst] and replies[best] != replies[worst]:
+                pairs_file.write(json.dumps({"prompt": prompt, "chosen": replies[best], "rejected": replies[worst],
+                                             "margin": s[best] - s[worst]}, ensure_ascii=False) + "\n")
+                pairs += 1
+    return pairs

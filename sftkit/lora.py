@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .compat import register_lora_layer
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -46,15 +49,12 @@ class FusedLoraLinear(PeftLoraLinear):
 def use_fused_lora(lora_config) -> None:
     """Have peft build FusedLoraLinear for the plain `nn.Linear` layers it adapts (4-bit and other
     quantized layers keep their own classes)."""
-    from .compat import register_lora_layer
-
     register_lora_layer(lora_config, torch.nn.Linear, _dispatch)
 
 
 def _dispatch(target, adapter_name, config, **kwargs):
     # peft calls this for subclasses of nn.Linear too (bitsandbytes' 4-bit layers are some): only
     # an exact nn.Linear gets the fused layer; returning None hands the rest to peft's dispatch.
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if type(base) is not torch.nn.Linear or config.fan_in_fan_out:

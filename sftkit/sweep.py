@@ -12,16 +12,20 @@ SPACE.yaml maps config keys to distributions:
 from __future__ import annotations
 
 import csv
-import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
+from optuna.trial import TrialState
 
 from . import compat
 from .config import Config, ConfigError, load_config, save_config, valid_keys, with_overrides
+from .job import log
+from .trainer import train
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 
@@ -86,11 +90,6 @@ def metric_of(result, metric: str) -> float:
 
 def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metric: str = "eval_loss",
           direction: str = "minimize", out: str | None = None, pruner: str = "median") -> Path:
-    import optuna
-    from optuna.trial import TrialState
-
-    from .trainer import train
-
     params = load_space(space_path)
     if direction not in ("minimize", "maximize"):
         raise ConfigError(f"--direction: {direction!r} is not minimize or maximize")
@@ -131,11 +130,11 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
 
     done = finished()
     if done:
-        print(f"[sftkit] continuing the study in {sweep_dir}: {done} of {trials} trials already finished", file=sys.stderr)
+        log(f"continuing the study in {sweep_dir}: {done} of {trials} trials already finished")
     def objective(trial) -> float:
         values = {p.key: p.suggest(trial) for p in params}
         run_dir = sweep_dir / f"trial-{trial.number:03d}"
-        print(f"[sftkit] trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
+        log(f"trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
         trial.set_user_attr("run_dir", str(run_dir))
         t0 = time.time()
 
@@ -150,7 +149,7 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
             value = metric_of(result, metric)
         except optuna.TrialPruned as e:
             trial.set_user_attr("reason", str(e))
-            print(f"[sftkit] trial {trial.number} {e}", file=sys.stderr)
+            log(f"trial {trial.number} {e}")
             raise
         except (SystemExit, KeyboardInterrupt) as e:
             if isinstance(e, SystemExit) and e.code in (0, None):
@@ -163,11 +162,11 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
         except Exception as e:  # a failing trial is recorded and never stops the sweep
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             trial.set_user_attr("reason", reason)
-            print(f"[sftkit] trial {trial.number} failed: {reason}", file=sys.stderr)
+            log(f"trial {trial.number} failed: {reason}")
             raise RuntimeError(reason) from None
         finally:
             trial.set_user_attr("seconds", round(time.time() - t0, 1))
-        print(f"[sftkit] trial {trial.number}: {metric} = {value:.4f}", file=sys.stderr)
+        log(f"trial {trial.number}: {metric} = {value:.4f}")
         return value
 
     try:
@@ -182,8 +181,8 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # optuna leaves it running
             compat.set_trial_state(study, t, TrialState.FAIL)
         write_results(study, cfg, sweep_dir, metric)
-        print(f"[sftkit] sweep stopped by a signal after {finished()} finished trials; run the same command to "
-              f"continue it ({sweep_dir})", file=sys.stderr)
+        log(f"sweep stopped by a signal after {finished()} finished trials; run the same command to "
+              f"continue it ({sweep_dir})")
         raise SystemExit(code) from None
 
     write_results(study, cfg, sweep_dir, metric)
@@ -191,8 +190,6 @@ def sweep(cfg: Config, space_path: str, trials: int, sampler: str = "tpe", metri
 
 
 def write_results(study, cfg: Config, sweep_dir: Path, metric: str) -> None:
-    from optuna.trial import TrialState
-
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
     with open(sweep_dir / "trials.csv", "w", newline="") as f:
@@ -209,7 +206,7 @@ def write_results(study, cfg: Config, sweep_dir: Path, metric: str) -> None:
                      + (f"  ({t.user_attrs['reason']})" if t.user_attrs.get("reason") else ""))
     print("\n".join(lines))
     if not complete:
-        print("no trial completed: see the reasons above", file=sys.stderr)
+        print("no trial completed: see the reasons above")
         return
     best = study.best_trial
     best_cfg = with_overrides(cfg, {**best.params, "output_dir": str(Path(cfg.output_dir) / "best")})
@@ -222,7 +219,6 @@ def _plots(study, sweep_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import warnings
 
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ov
@@ -236,4 +232,4 @@ def _plots(study, sweep_dir: Path) -> None:
                 ax.figure.savefig(sweep_dir / f"{name}.png", dpi=110)
                 plt.close(ax.figure)
             except (ValueError, RuntimeError) as e:  # importance needs 2+ completed trials that differ
-                print(f"[sftkit] {name}.png not drawn: {e}", file=sys.stderr)
+                log(f"{name}.png not drawn: {e}")

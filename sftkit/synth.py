@@ -27,9 +27,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .config import ConfigError
+from .data import renderer_for
+from .data.quality import NearIndex, lint, row_texts
 from .data.sources import DataError, Row, load_rows
 from .evaluate import rouge_l
+from .generate import generate, load_for_inference
+from .tasks.reward import Scorer
 
 UNSUITABLE = ("image", "images", "picture", "pictures", "photo", "graph", "graphs", "file", "files", "map", "maps",
               "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram", "chart")
@@ -103,8 +109,6 @@ def initial_pool(seeds: list[tuple[str, str, Row]]) -> Pool:
 def seed_tasks(path: str) -> list[tuple[str, str, Row]]:
     """(id, instruction, row) per seed: the id is the row's `id` field, else file:line; the instruction the
     row's prompt side (alpaca instruction + input, a prompt, or the user turns)."""
-    from .data.quality import row_texts
-
     rows = load_rows(path)
     out = []
     for r in rows:
@@ -196,12 +200,6 @@ def draw(number: int, seeds: list[tuple[str, str, Row]], kept: list[tuple[str, s
 
 def synth(s: SynthSettings) -> dict:
     """Run to s.n kept rows (continuing what s.out holds); returns the counts."""
-    from tqdm.auto import tqdm
-
-    from .data import renderer_for
-    from .data.quality import NearIndex
-    from .generate import generate, load_for_inference
-
     check(s)
     seeds = seed_tasks(s.seeds)
     rejected_path = s.out.parent / "rejected.jsonl"
@@ -226,8 +224,6 @@ def synth(s: SynthSettings) -> dict:
         answer_model, answer_renderer = model, renderer
     scorer = None
     if s.reward:
-        from .tasks.reward import Scorer
-
         scorer = Scorer(s.reward, device=next(model.parameters()).device)
     provenance_common = {
         "model": s.model, "answer_model": s.answer_model or s.model,
@@ -295,8 +291,6 @@ def synth(s: SynthSettings) -> dict:
 def row_filters(candidates: list[Candidate], tok, max_length: int, eval_index=None) -> None:
     """The filters on a whole row (task + answer): the data-quality lint, then overlap with the eval
     rows; sets each failing candidate's reason."""
-    from .data.quality import lint
-
     rows = [Row([{"role": "user", "content": c.instruction}, {"role": "assistant", "content": c.answer}],
                 "", 0, "messages", n_prompt=1) for c in candidates]
     for problem, idx in lint(rows, tok, max_length).items():
@@ -324,8 +318,6 @@ def eval_problem(index, row: Row) -> str | None:
 def answer_all(model, renderer, prompts: list[list[dict]], s: SynthSettings, scorer,
                seed: int) -> list[tuple[str, list[float]]]:
     """One answer per prompt; with a reward model, the best of s.best_of sampled ones and all their scores."""
-    from .generate import generate
-
     if scorer is None:
         replies = generate(model, renderer, prompts, s.answer_tokens, s.batch_size, temperature=s.answer_temperature,
                            top_p=s.top_p if s.answer_temperature > 0 else 1.0, seed=seed)

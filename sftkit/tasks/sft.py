@@ -17,12 +17,15 @@ from ..config import Config, ConfigError
 from ..data import prepare as prepare_data
 from ..data import renderer_for, text_source
 from ..data.packing import Batcher, pad_multiple
-from ..data.render import IGNORE, Renderer, build_examples
+from ..data.quality import analyse
+from ..data.render import Renderer, build_examples
 from ..data.sources import Row, load_rows
+from ..distill import check_distill, load_teacher
 from ..evaluate import check_references, evaluate_model, loss_metrics
-from ..loss import DIVERGENCES, Distill, TokenLoss
-from ..models import apply_method, count_parameters, load_model, load_tokenizer
-from ..trainer import MODEL_PREFIX, Job, Run, RunResult, cap_max_length, log
+from ..export import merge_adapter, write_card
+from ..job import MODEL_PREFIX, Job, Run, RunResult, cap_max_length, log
+from ..loss import TokenLoss
+from ..models import apply_method, count_parameters, load_model
 
 
 def forward_tokens(cfg: Config) -> int:
@@ -31,11 +34,6 @@ def forward_tokens(cfg: Config) -> int:
     if cfg.train.max_forward_tokens >= 0:
         return cfg.train.max_forward_tokens
     return 16384 if torch.cuda.is_available() else 512
-
-
-def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that enter the loss: those whose label (shifted by one) is trained."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str) -> float:
@@ -47,89 +45,7 @@ def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, l
 
 
 def check(cfg: Config) -> None:
-    d = cfg.train.distill
-    if d.teacher is None:
-        return
-    if d.loss not in DIVERGENCES:
-        raise ConfigError(f"train.distill.loss: {d.loss!r} is not {' | '.join(DIVERGENCES)}")
-    if not 0 <= d.weight <= 1:
-        raise ConfigError(f"train.distill.weight: must be in [0, 1], got {d.weight}")
-    if not d.temperature > 0:
-        raise ConfigError(f"train.distill.temperature: must be above 0, got {d.temperature}")
-    if d.top_k < 0 or (d.top_k and d.loss != "forward_kl"):
-        raise ConfigError("train.distill.top_k: a whole number >= 0, and above 0 only with loss forward_kl "
-                          "(the other divergences need the teacher's whole distribution)")
-    if cfg.train.kl_to_base > 0:
-        raise ConfigError("train.distill and train.kl_to_base are two teachers; choose one")
-
-
-def tokenizer_difference(student, teacher) -> str | None:
-    """The first difference between two tokenizers that would make their distributions incomparable:
-    the vocabulary (token -> id) or a special token; None when they agree."""
-    sv, tv = student.get_vocab(), teacher.get_vocab()
-    if len(sv) != len(tv):
-        return f"vocabulary sizes differ: student {len(sv)}, teacher {len(tv)}"
-    for token, i in sorted(sv.items(), key=lambda x: x[1]):
-        if tv.get(token) != i:
-            return (f"token {token!r} is id {i} in the student and "
-                    + (f"id {tv[token]} in the teacher" if token in tv else "absent from the teacher"))
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        if getattr(student, name, None) != getattr(teacher, name, None):
-            return f"{name} differs: student {getattr(student, name, None)!r}, teacher {getattr(teacher, name, None)!r}"
-    return None
-
-
-def check_teacher_tokenizer(cfg: Config, tok, teacher_tok) -> None:
-    difference = tokenizer_difference(tok, teacher_tok)
-    if difference:
-        raise ConfigError(f"train.distill.teacher {cfg.train.distill.teacher}: its tokenizer is not the student's "
-                          f"({cfg.model.name}): {difference}; distillation compares next-token distributions token by token")
-
-
-def output_width(model) -> int:
-    """Rows of the model's output layer (the vocabulary it scores, padding included)."""
-    head = model.get_output_embeddings()
-    return head.weight.shape[0] if head is not None else model.config.vocab_size
-
-
-def teacher_model_path(name: str) -> str:
-    """A model name or directory as given; a run directory stands for its final model."""
-    return str(Path(name) / "final" / "model") if (Path(name) / "final" / "model").is_dir() else name
-
-
-def load_teacher(cfg: Config, tok, device, model, examples: list) -> Distill | None:
-    """The teacher (train.distill.teacher): a model name, directory or run, frozen, in eval mode; or an
-    offline cache made by `sftkit distill cache`, bound to this run's training examples. Refused when
-    its tokenizer differs from the student's, or when the cache was made from other data."""
-    from ..distill import TeacherCache, data_section, is_cache
-
-    d = cfg.train.distill
-    if d.teacher is None:
-        return None
-    if is_cache(d.teacher):
-        from transformers import AutoTokenizer
-
-        check_teacher_tokenizer(cfg, tok, AutoTokenizer.from_pretrained(d.teacher))  # saved with the cache
-        if d.loss != "forward_kl":
-            raise ConfigError(f"train.distill.loss={d.loss}: a cache of the teacher's top-k log-probs gives forward_kl "
-                              "only (the other divergences need its whole distribution); set train.distill.loss=forward_kl")
-        cache = TeacherCache(d.teacher, d.top_k)
-        width = output_width(model)
-        if cache.vocab > width:
-            raise ConfigError(f"train.distill.teacher {d.teacher}: the cached teacher scores {cache.vocab} tokens, the "
-                              f"student's output layer {width}")
-        cache.bind(examples, data_section(cfg))
-        log(f"distilling from the cache {d.teacher} (teacher {cache.meta['teacher']}, top {cache.use} of "
-            f"{cache.meta['vocab']} tokens, {cache.meta['tokens']:,} trained tokens; weight {d.weight}, "
-            f"temperature {d.temperature})")
-        return Distill(None, d.weight, d.temperature, d.loss, cache.use, cache=cache)
-    name = teacher_model_path(d.teacher)
-    check_teacher_tokenizer(cfg, tok, load_tokenizer(name))
-    log(f"loading teacher {d.teacher} (distillation: {d.loss}, weight {d.weight}, temperature {d.temperature}"
-        + (f", top {d.top_k}" if d.top_k else "") + ")")
-    teacher, _ = load_model(name, cfg.model.dtype)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    return Distill(teacher, d.weight, d.temperature, d.loss, d.top_k)
+    check_distill(cfg)
 
 
 def check_packing(model, examples: list, share: bool, who: str = "") -> bool:
@@ -196,8 +112,7 @@ def prepare(cfg: Config, run: Run) -> Job:
         log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
             f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
     return Job(model=model, loss=TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen, distill=distill),
-               batcher=batcher,
-               units=trained_tokens, state={"base_ref_ppl": base_ref_ppl},
+               batcher=batcher, state={"base_ref_ppl": base_ref_ppl},
                evaluate=Evaluation(cfg, eval_ex, ref_ex, tok.pad_token_id, share) if (eval_ex or ref_ex) else None,
                finish=Finish(cfg, tok, renderer, data, eval_rows, scores, trainable, total))
 
@@ -258,6 +173,7 @@ class Finish:
             self.scores["tuned"] = generation_scores(model, self.renderer, self.eval_rows, cfg, "tuned model")
             log(f"tuned model {cfg.eval.metric} on the held-out rows: {self.scores['tuned']:.3f}")
         result.scores = self.scores
+        result.metric = cfg.eval.metric if cfg.eval.generate else None
         return {"metric": cfg.eval.metric if cfg.eval.generate else None, "scores": self.scores,
                 "base_ref_ppl": state.get("base_ref_ppl"), "forgetting": result.forgetting,
                 "method": cfg.peft.method, "trainable_parameters": self.trainable, "total_parameters": self.total,
@@ -265,8 +181,6 @@ class Finish:
 
     @staticmethod
     def after_summary(run_dir: Path) -> None:
-        from ..export import write_card
-
         write_card(run_dir)
 
 
@@ -293,7 +207,6 @@ def save_final(model, tok, cfg: Config, run_dir: Path, main_process: bool, shard
         if cfg.peft.method == "qlora" or state is not None:
             # QLoRA: merging into 4-bit weights would round the update away; FSDP: the weights in
             # memory are shards. Either way, merge into a fresh full-precision copy of the base.
-            from ..export import merge_adapter
 
             model = merge_adapter(cfg.model.name, final / "adapter", cfg.model.dtype, cfg.model.revision)
         else:
@@ -321,7 +234,6 @@ def write_data_quality(run_dir: Path, data, tok, max_length: int, limit: int = 1
     model card; skipped above `limit` training rows, where `data inspect` is the tool to run."""
     if len(data.train_rows) > limit:
         return
-    from ..data.quality import analyse
 
     q = analyse(data.train_rows, data.eval_rows, tok, max_length, diversity=False)
     (run_dir / "data_quality.json").write_text(json.dumps({

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-RUN_MARKER = ".sftkit-run"  # the trainer's marker (trainer.RUN_MARKER); not imported, to keep torch out
+from ..rundir import is_run_dir
 
 
 def inside(root: Path, rel: str) -> Path | None:
@@ -27,10 +27,6 @@ def inside(root: Path, rel: str) -> Path | None:
     return target if target == base or base in target.parents else None
 
 
-def is_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file() or ((path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file())
-
-
 def find_runs(root: Path, depth: int = 3) -> list[str]:
     """Run folders under root (a sweep's trials sit one level down), as paths relative to root."""
     found: list[str] = []
@@ -41,7 +37,7 @@ def find_runs(root: Path, depth: int = 3) -> list[str]:
         except OSError:
             return
         for c in children:
-            if is_run(c):
+            if is_run_dir(c):
                 found.append(c.relative_to(root).as_posix())
             if level < depth and c.name not in ("final", "plots", "eval") and not c.name.startswith("step-"):
                 walk(c, level + 1)

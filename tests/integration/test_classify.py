@@ -6,13 +6,16 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from sftkit.classify import LabelledText, class_weights, stratified_split, train_classifier
 from sftkit.cli import main
 from sftkit.config import ConfigError, load_config
 from sftkit.data.sources import DataError
 from sftkit.models import resolve
+from sftkit.tasks.classification import LabelledText, class_weights, stratified_split
+from sftkit.trainer import train
 
 from ..conftest import write_jsonl
+
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
 
 ROWS = [{"text": f"{w} item number {i}", "label": lab}
         for i in range(12) for w, lab in (("great", "pos"), ("awful", "neg"), ("meh", "mid"))]
@@ -41,8 +44,8 @@ def cfg(tmp_path, model_dir, name, **over):
 @pytest.mark.parametrize("model", ["llama", "bert"])
 def test_head_only_leaves_backbone_identical_and_cache_changes_nothing(tmp_path, tiny_model_dir, tiny_bert_dir, model):
     model_dir = tiny_model_dir if model == "llama" else tiny_bert_dir
-    cached = train_classifier(cfg(tmp_path, model_dir, "cached", **{"peft.method": "head"}))
-    uncached = train_classifier(cfg(tmp_path, model_dir, "uncached", **{"peft.method": "head"}), cache=False)
+    cached = train(cfg(tmp_path, model_dir, "cached", **{"peft.method": "head"}))
+    uncached = train(cfg(tmp_path, model_dir, "uncached", **{"peft.method": "head"}), options={"cache": False})
     before = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3).base_model.state_dict()
     after = cached.model.base_model.state_dict()
     for k, v in before.items():
@@ -58,7 +61,7 @@ def test_head_only_leaves_backbone_identical_and_cache_changes_nothing(tmp_path,
 @pytest.mark.parametrize("method,extra", [("freeze", {"peft.trainable": ["last:1"]}), ("lora", {"peft.r": 4}),
                                           ("full", {})])
 def test_methods_train_and_reload_in_plain_transformers_with_same_predictions(tmp_path, tiny_model_dir, method, extra):
-    r = train_classifier(cfg(tmp_path, tiny_model_dir, method, **{"peft.method": method, **extra}))
+    r = train(cfg(tmp_path, tiny_model_dir, method, **{"peft.method": method, **extra}))
     assert {"accuracy", "macro_f1", "eval_loss", "majority_baseline_macro_f1"} <= set(r.metrics)
     assert (r.run_dir / "confusion.png").is_file()
     reloaded = AutoModelForSequenceClassification.from_pretrained(r.run_dir / "final" / "model").eval()
@@ -71,7 +74,7 @@ def test_methods_train_and_reload_in_plain_transformers_with_same_predictions(tm
 
 def test_encoder_learns_beyond_majority_and_predict_writes_probabilities(tmp_path, tiny_bert_dir, capsys):
     c = cfg(tmp_path, tiny_bert_dir, "bert-full", **{"peft.method": "full", "train.max_steps": 40, "train.lr": 3e-3})
-    r = train_classifier(c)
+    r = train(c)
     assert r.metrics["macro_f1"] > r.metrics["majority_baseline_macro_f1"]
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "great item number 5", "id": 1}, {"text": "awful item", "id": 2}])
     assert main(["predict", str(r.run_dir), "--input", str(inp), "--output", str(tmp_path / "out.jsonl")]) == 0
@@ -85,11 +88,11 @@ def test_bad_rows_and_class_weights_and_stratified_split(tmp_path, tiny_model_di
     c = load_config(None, {"task": "classification", "model.name": str(tiny_model_dir), "data.train": str(p),
                            "output_dir": str(tmp_path / "bad")})
     with pytest.raises(DataError, match=r"train.jsonl:2: label: missing field"):
-        train_classifier(c)
+        train(c)
     rows = [LabelledText("t", lab, "x", i) for i, lab in enumerate(["a"] * 6 + ["b"] * 2)]
     w = class_weights("auto", rows, ["a", "b"])
     assert w.tolist() == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])
-    train, held = stratified_split(rows, 0.5, 0)
+    kept, held = stratified_split(rows, 0.5, 0)
     assert sorted(r.label for r in held) == ["a", "a", "a", "b"]
 
 
@@ -112,20 +115,20 @@ def test_texts_longer_than_the_encoder_limit_follow_data_truncation(tmp_path, ti
     c = cfg(tmp_path, tiny_bert_dir, "long", **{"peft.method": "full", "train.max_steps": 2})
     c.data.train = str(write_jsonl(tmp_path / "long.jsonl", rows))
     c.data.max_length = 1024
-    r = train_classifier(c)
+    r = train(c)
     assert r.steps == 2
     assert "data.max_length=1024 is more than" in capsys.readouterr().err
     c2 = cfg(tmp_path, tiny_bert_dir, "long-err", **{"data.truncation": "error", "data.max_length": 1024})
     c2.data.train = str(tmp_path / "long.jsonl")
     with pytest.raises(DataError, match=r"long.jsonl:37: text: \d+ tokens, longer than data.max_length=128"):
-        train_classifier(c2)
+        train(c2)
 
 
 @pytest.mark.parametrize("key,value", [("data.pack", True), ("train.kl_to_base", 0.1), ("eval.generate", True),
                                        ("train.checkpointing", True)])
 def test_keys_classification_does_not_use_stop_the_run(tmp_path, tiny_bert_dir, key, value):
     with pytest.raises(ConfigError, match=f"task: classification does not use {key}"):
-        train_classifier(cfg(tmp_path, tiny_bert_dir, "k", **{key: value}))
+        train(cfg(tmp_path, tiny_bert_dir, "k", **{key: value}))
     assert not (tmp_path / "k").exists()  # stopped before any work
 
 
@@ -138,9 +141,9 @@ def test_classifier_checkpoints_and_resumes_bitwise(tmp_path, tiny_bert_dir, met
     """The shared loop gives classification checkpoints, --resume and gradient accumulation."""
     over = {"peft.method": method, "train.grad_accum": 2, "train.batch_size": 4, "train.save_every": 2,
             "train.schedule": "constant", "classify.class_weights": "auto"}
-    ref = train_classifier(cfg(tmp_path, tiny_bert_dir, "ref", **over, **{"train.max_steps": 8}))
-    train_classifier(cfg(tmp_path, tiny_bert_dir, "cut", **over, **{"train.max_steps": 5}))  # "killed" after step 5
-    resumed = train_classifier(cfg(tmp_path, tiny_bert_dir, "cut", **over, **{"train.max_steps": 8}), resume=True)
+    ref = train(cfg(tmp_path, tiny_bert_dir, "ref", **over, **{"train.max_steps": 8}))
+    train(cfg(tmp_path, tiny_bert_dir, "cut", **over, **{"train.max_steps": 5}))  # "killed" after step 5
+    resumed = train(cfg(tmp_path, tiny_bert_dir, "cut", **over, **{"train.max_steps": 8}), resume=True)
     assert _losses(resumed.run_dir) == _losses(ref.run_dir)  # step for step, bitwise
     a, b = dict(ref.model.named_parameters()), dict(resumed.model.named_parameters())
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -178,12 +181,12 @@ def test_classifier_logs_to_tensorboard_and_guards_non_finite_steps(tmp_path, ti
 
     from sftkit.trainer import TrainingError
 
-    r = train_classifier(cfg(tmp_path, tiny_bert_dir, "tb", **{"log.tensorboard": True, "train.max_steps": 3}))
+    r = train(cfg(tmp_path, tiny_bert_dir, "tb", **{"log.tensorboard": True, "train.max_steps": 3}))
     acc = EventAccumulator(str(r.run_dir / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     with pytest.raises(TrainingError, match="3 consecutive steps with a non-finite loss or gradient"):
-        train_classifier(cfg(tmp_path, tiny_bert_dir, "nan", **{
+        train(cfg(tmp_path, tiny_bert_dir, "nan", **{
             "peft.method": "full", "train.lr": 1e30, "train.max_grad_norm": 0, "train.max_bad_steps": 2,
             "train.max_steps": 30}))
     records = [json.loads(x) for x in open(tmp_path / "nan" / "metrics.jsonl")]

@@ -14,6 +14,8 @@ from sftkit.trainer import train
 from ..conftest import make_tiny_llama
 from .test_train import losses, make_cfg
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 
 @pytest.fixture(scope="module")
 def teacher_dir(tokenizer, tmp_path_factory):

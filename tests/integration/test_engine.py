@@ -15,9 +15,13 @@ from safetensors.torch import load_file
 
 from sftkit import checkpoint
 from sftkit.config import ConfigError, load_config
-from sftkit.trainer import TrainingError, lr_lambda, train
+from sftkit.engine import lr_lambda
+from sftkit.job import TrainingError
+from sftkit.trainer import train
 
 from ..conftest import write_jsonl
+
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,6 +17,8 @@ from sftkit.trainer import TrainingError, train
 from ..conftest import write_jsonl
 from .test_engine import cfg_dict, losses
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 
 def test_full_fine_tuning_of_a_tied_model_checkpoints_and_resumes_bitwise(tmp_path, tiny_model_dir, chat_rows):
     """The tiny Llama ties lm_head to the input embeddings, as SmolLM2 does."""

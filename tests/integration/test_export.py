@@ -15,6 +15,8 @@ from sftkit.trainer import train
 
 from ..conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 ROWS = [{"prompt": f"Write {i} in words.", "completion": f"number {i}"} for i in range(12)]
 
 
@@ -151,3 +153,64 @@ def test_the_check_fails_an_export_that_is_not_the_runs_model(run, tiny_model_di
     other = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # e.g. the adapter lost on the way
     with pytest.raises(ExportMismatch, match="differs from the run's model by .* more than the 0.0001 allowed for f32"):
         check_export(tuned, other, probe_rows(run), "f32", "GGUF x.gguf")
+
+
+def test_overwrite_replaces_what_an_export_owns_and_nothing_else(run, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--out", str(out)]) == 0  # the adapter alone
+    assert (out / "adapter_config.json").is_file()
+    assert main(["export", str(run), "--merge", "--out", str(out)]) == 2  # not empty, no --overwrite
+    assert main(["export", str(run), "--merge", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "adapter_config.json").exists()  # the old adapter does not linger beside the merged model
+    assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match=r"holds notes.txt, which an exported model folder does not; nothing was deleted"):
+        from sftkit.export import export_run
+
+        export_run(run, out, True, None, "f32", None, True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
+
+
+def test_a_failed_check_leaves_nothing_in_place(run, tmp_path, monkeypatch):
+    from sftkit import export
+
+    monkeypatch.setitem(export.EXPORT_TOLERANCE, "merge", -1.0)
+    monkeypatch.setitem(export.EXPORT_TOLERANCE, "f32", -1.0)
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "m")]) == 1
+    assert not (tmp_path / "m").exists()
+    assert main(["export", str(run), "--gguf", str(tmp_path / "g" / "x.gguf")]) == 1
+    assert not (tmp_path / "g" / "x.gguf").exists() and not (tmp_path / "g" / "Modelfile").exists()
+
+
+def test_the_modelfile_keeps_the_trained_system_message_and_is_not_replaced_unasked(run, tmp_path, tokenizer, capsys):
+    from sftkit.export import modelfile
+
+    smol = modelfile("m.gguf", tokenizer, None)  # SmolLM2's template writes its own when there is none
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in smol
+    quoted = modelfile("m.gguf", tokenizer, 'Reply with """code""" only.')
+    assert "SYSTEM" not in quoted.replace("# the system", "") and "/set system" in quoted
+    assert 'contains """, which a Modelfile cannot quote' in capsys.readouterr().err
+    (tmp_path / "Modelfile").write_text("FROM ./mine.gguf\n")
+    assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf")]) == 2
+    assert "Modelfile exists" in capsys.readouterr().err
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./mine.gguf\n" and not (tmp_path / "m.gguf").exists()
+
+
+PAIRS = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no", "rejected": "no" if i % 2 == 0 else "yes"}
+         for i in range(8)]
+
+
+def test_preference_and_reward_runs_export_and_have_their_cards(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    common = {"model.name": str(tiny_model_dir), "data.train": str(data), "train.max_steps": 2, "train.batch_size": 4}
+    pref = train(load_config(None, {**common, "task": "preference", "output_dir": str(tmp_path / "pref")})).run_dir
+    reward = train(load_config(None, {**common, "task": "reward", "peft.method": "full",
+                                      "output_dir": str(tmp_path / "reward")})).run_dir
+    for r in (pref, reward):
+        assert (r / "final" / "model" / "README.md").read_text().startswith("---")
+    assert "AutoModelForSequenceClassification" in (reward / "final" / "model" / "README.md").read_text()
+    assert main(["export", str(pref), "--merge", "--out", str(tmp_path / "pref-merged")]) == 0
+    assert main(["export", str(pref), "--gguf", str(tmp_path / "pg" / "p.gguf")]) == 0
+    assert main(["export", str(reward), "--gguf", str(tmp_path / "rg" / "r.gguf")]) == 2
+    assert not (tmp_path / "rg").exists()
+    assert main(["export", str(reward), "--out", str(tmp_path / "reward-out")]) == 0

@@ -17,6 +17,8 @@ from sftkit.trainer import train
 
 from ..conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 
 def batch_of(tokenizer, chat_rows):
     exs, _ = build_examples([Normaliser("x")(r, i) for i, r in enumerate(chat_rows)], Renderer(tokenizer))

@@ -20,6 +20,8 @@ from sftkit.models import apply_method
 
 from ..conftest import make_tiny_llama
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 STEPS, LR = 2, 1e-2
 
 

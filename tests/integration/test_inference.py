@@ -15,6 +15,8 @@ from sftkit.trainer import train
 
 from ..conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir):

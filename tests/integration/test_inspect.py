@@ -2,11 +2,15 @@
 
 import json
 
+import pytest
+
 from sftkit.cli import main
 from sftkit.config import load_config
 from sftkit.data import prepare, renderer_for
 
 from ..conftest import write_jsonl
+
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
 
 
 def test_inspect_reports_and_exports_exactly_the_training_examples(tmp_path, tiny_model_dir, capsys):

@@ -8,19 +8,21 @@ import torch
 import torch.nn.functional as F
 
 from sftkit.config import ConfigError, load_config
+from sftkit.data.pairs import normalise_pair
 from sftkit.data.render import Renderer
 from sftkit.data.sources import DataError
 from sftkit.tasks.preference import (
     PreferenceLoss,
     build_pairs,
     collate_pairs,
-    normalise_pair,
     preference_losses,
     sequence_logps,
 )
 from sftkit.trainer import train
 
 from ..conftest import make_tiny_llama, write_jsonl
+
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
 
 PAIRS = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no", "rejected": "no" if i % 2 == 0 else "yes"}
          for i in range(16)]
@@ -280,3 +282,101 @@ def test_a_frozen_head_gives_the_same_log_probs_and_gradients_as_autograd(tokeni
     assert g_fused.keys() == g_plain.keys() and g_plain
     for n in g_plain:
         torch.testing.assert_close(g_fused[n], g_plain[n], rtol=1e-4, atol=1e-6 * max(1.0, float(g_plain[n].abs().max())), msg=n)
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"data.mask": "assistant"}, r"data.mask=assistant: task: preference scores the reply after its prompt"),
+    ({"data.mask": "none"}, r"data.mask=none: .*count assistant turns inside the prompt as reply tokens"),
+    ({"data.replay": {"source": "builtin", "ratio": 0.1}}, r"task: preference does not use data.replay"),
+])
+def test_keys_a_preference_run_cannot_honour_stop_it(tmp_path, over, msg):
+    for task in ("preference", "reward"):
+        with pytest.raises(ConfigError, match=msg.replace("preference", task)):
+            train(load_config(None, {"task": task, "output_dir": str(tmp_path / task), **over}))
+        assert not (tmp_path / task).exists()
+
+
+def test_pairs_of_one_prompt_are_held_out_together(tmp_path):
+    from sftkit.data.pairs import read_pairs
+    from sftkit.data.sources import ReadStats
+
+    rows = [{"prompt": f"Question {q}?", "chosen": f"good {k}", "rejected": f"bad {k}"} for q in range(6) for k in range(3)]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    for seed in range(5):
+        cfg = load_config(None, {"data.train": str(data), "data.eval_fraction": 0.3, "train.seed": seed})
+        train_pairs, held = read_pairs(cfg, ReadStats())
+        trained = {json.dumps(p.prompt) for p in train_pairs}
+        assert held and not trained & {json.dumps(p.prompt) for p in held}
+        assert len(train_pairs) + len(held) == len(rows)
+
+
+def test_one_pair_held_out_of_one_says_so(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:1])
+    for task in ("preference", "reward"):
+        with pytest.raises(ConfigError, match=r"no pair left to train on: all 1 pairs read are held out"):
+            train(load_config(None, {"task": task, "model.name": str(tiny_model_dir), "data.train": str(data),
+                                     "data.eval_fraction": 0.5, "output_dir": str(tmp_path / task)}))
+
+
+def prepared(tmp_path, tiny_model_dir, **over):
+    from accelerate import Accelerator
+
+    from sftkit.job import Run
+    from sftkit.tasks import preference
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    cfg = load_config(None, {"task": "preference", "model.name": str(tiny_model_dir), "data.train": str(data),
+                             "train.batch_size": 4, **over})
+    (tmp_path / "run").mkdir(exist_ok=True)
+    return preference.prepare(cfg, Run(Accelerator(cpu=True), tmp_path / "run", None, cfg.to_dict()))
+
+
+def test_simpo_and_orpo_keep_no_reference_copy(tmp_path, tiny_model_dir):
+    for loss, copied in (("simpo", False), ("orpo", False), ("dpo", True)):
+        job = prepared(tmp_path, tiny_model_dir, **{"preference.loss": loss, "peft.method": "full"})
+        assert (job.loss._frozen[0] is not None) == copied, loss
+
+
+def test_checkpointing_is_used_by_preference_and_gives_the_same_losses(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    losses = {}
+    for ckpt in (False, True):
+        r = train(load_config(None, {"task": "preference", "model.name": str(tiny_model_dir), "data.train": str(data),
+                                     "train.batch_size": 4, "train.max_steps": 3, "train.checkpointing": ckpt,
+                                     "output_dir": str(tmp_path / f"r{ckpt}")}))
+        losses[ckpt] = [json.loads(x)["loss"] for x in open(r.run_dir / "metrics.jsonl")]
+    assert "train.checkpointing: activations recomputed in backward" in capsys.readouterr().err
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_a_reference_with_another_tokenizer_is_refused_before_training(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sftkit.models import resolve
+
+    other = tmp_path / "other"
+    tok = AutoTokenizer.from_pretrained(resolve("minilm-l6"))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"preference.reference .*other: its tokenizer is not the policy's: vocabulary sizes differ"):
+        prepared(tmp_path, tiny_model_dir, **{"preference.reference": str(other)})
+
+
+def test_the_summary_names_preference_accuracy(tmp_path, tiny_model_dir, capsys):
+    from sftkit.cli import main
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    assert main(["train", str(write_cfg(tmp_path, tiny_model_dir, data))]) == 0
+    out = capsys.readouterr().out
+    assert "preference_accuracy" in out and "exact_match" not in out
+
+
+def write_cfg(tmp_path, tiny_model_dir, data):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"task": "preference", "model": {"name": str(tiny_model_dir)},
+                                    "data": {"train": str(data), "eval_fraction": 0.25},
+                                    "train": {"batch_size": 4, "max_steps": 2}, "output_dir": str(tmp_path / "run")}))
+    return path

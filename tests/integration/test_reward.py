@@ -11,6 +11,8 @@ from sftkit.trainer import train
 
 from ..conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal"]
 PAIRS = [{"prompt": f"Greet {n}.", "chosen": "Hello there!", "rejected": "Go away."} for n in NAMES] + \
         [{"prompt": f"Thank {n}.", "chosen": "Thank you so much!", "rejected": "Whatever."} for n in NAMES]
@@ -94,3 +96,22 @@ def test_synth_best_of_n_keeps_the_answer_the_reward_model_scores_highest(reward
         kept = scorer.score([(row["messages"][:1], row["messages"][1:])])[0]
         assert kept == pytest.approx(max(p["scores"]), abs=1e-4)  # the kept answer is the argmax
         assert len(set(p["scores"])) > 1  # three different samples, really scored
+
+
+def test_a_reply_after_a_prompt_longer_than_max_length_is_still_what_is_scored(reward_run, capsys):
+    """The prompt is cut from its start, the reply kept whole: two replies to one long prompt get the
+    scores they get after the prompt's end (not one score for the prompt alone), and the log says so."""
+    from sftkit.tasks.reward import Scorer
+
+    scorer = Scorer(str(reward_run.run_dir))
+    long_prompt = [{"role": "user", "content": "Please, " * 60 + "greet Ann."}]
+    replies = [[{"role": "assistant", "content": r}] for r in ("Hello there!", "Go away.")]
+    full = scorer.score([(long_prompt, r) for r in replies])
+    scorer.renderer.max_length = 40  # the prompt alone is longer than this
+    cut = scorer.score([(long_prompt, r) for r in replies])
+    assert cut[0] != cut[1]  # each reply is read
+    assert cut[0] > cut[1]  # and ranked as the model ranks them
+    assert full != cut  # the prompt was cut
+    err = capsys.readouterr().err
+    assert "2 of 2 prompt + reply pairs are longer than data.max_length=40" in err
+    assert "the reply whole and the prompt cut from its start" in err

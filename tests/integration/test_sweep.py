@@ -15,6 +15,8 @@ from sftkit.sweep import load_space, sweep
 
 from ..conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

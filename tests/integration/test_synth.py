@@ -4,8 +4,12 @@ its reason, and a re-run that continues to --n without repeating a candidate or 
 import json
 from pathlib import Path
 
+import pytest
+
 from sftkit.cli import main
 from sftkit.data.sources import load_rows
+
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
 
 SEEDS = Path(__file__).resolve().parents[2] / "examples" / "synth" / "seed_tasks.jsonl"
 

@@ -13,6 +13,8 @@ from sftkit.trainer import train
 
 from ..conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 
 def losses(run_dir):
     return [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")]

@@ -8,6 +8,8 @@ from sftkit.data.render import IGNORE, Renderer
 
 from ..conftest import make_tiny_llama, write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 trl = pytest.importorskip("trl")
 
 ROWS = [

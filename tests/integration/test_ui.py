@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -24,9 +25,13 @@ from sftkit.trainer import train
 
 from ..conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
 pytest.importorskip("starlette", reason="the ui extra is not installed (pip install 'sftkit[ui]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+TOKEN = "test-launch-token"
+AUTH = {"authorization": f"token {TOKEN}"}
 
 
 def free_port() -> int:
@@ -78,13 +83,14 @@ def server(runs_root):
     from sftkit.ui.app import create_app
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(runs_root), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(runs_root, TOKEN)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", port
+    yield f"http://127.0.0.1:{port}", port, app.dashboard
     srv.should_exit = True
     thread.join(10)
 
@@ -104,11 +110,23 @@ def browser():
 
 
 @pytest.fixture
-def tab(browser):
+def tab(browser, server):
+    """A browser tab that opened the address `sftkit ui` prints (with the token), as a user does: the
+    token is kept in a cookie from then on."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
+    page.goto(server[0] + f"/?token={TOKEN}")
     yield page
     context.close()
+
+
+def wait_until(page, expression: str, timeout: int = 30_000) -> None:
+    """Playwright's wait_for_function evaluates its string in the page, which the dashboard's CSP
+    (no eval) rightly refuses: poll from here instead."""
+    deadline = time.time() + timeout / 1000
+    while not page.evaluate(expression):
+        assert time.time() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
 
 
 def shot(page, name: str, tmp_path: Path) -> None:
@@ -118,7 +136,7 @@ def shot(page, name: str, tmp_path: Path) -> None:
 
 
 def test_the_runs_table_lists_each_run_with_its_status(server, tab, tmp_path):
-    url, _ = server
+    url = server[0]
     tab.goto(url + "/")
     row = tab.locator("tr[data-run='tiny']")
     cells = row.locator("td").all_inner_texts()
@@ -133,7 +151,7 @@ def test_the_runs_table_lists_each_run_with_its_status(server, tab, tmp_path):
 
 
 def test_the_run_page_draws_curves_and_follows_new_metrics_lines(server, runs_root, tab, tmp_path):
-    url, _ = server
+    url = server[0]
     live = runs_root / "live"
     shutil.copytree(runs_root / "tiny", live, ignore=shutil.ignore_patterns("final", "summary.json", "link-out"))
     lines = (live / "metrics.jsonl").read_text().splitlines()
@@ -142,35 +160,35 @@ def test_the_run_page_draws_curves_and_follows_new_metrics_lines(server, runs_ro
                                                   "started": time.time()}))
     tab.goto(url + "/run/live")
     charts = tab.locator("#charts")
-    tab.wait_for_function("document.querySelector('#charts').dataset.records === '2'")
+    wait_until(tab, "document.querySelector('#charts').dataset.records === '2'")
     assert tab.locator("#status").inner_text() == "running"
     loss = tab.locator(".chart[data-metric='loss']")
     assert loss.locator("canvas").count() == 1 and loss.get_attribute("data-points") == "2"
     tab.evaluate("window.__same_page = true")
     with open(live / "metrics.jsonl", "a") as f:  # the trainer appends a step while the page is open
         f.write(lines[2] + "\n")
-    tab.wait_for_function("document.querySelector('#charts').dataset.records === '3'", timeout=10_000)
+    wait_until(tab, "document.querySelector('#charts').dataset.records === '3'", timeout=10_000)
     assert tab.evaluate("window.__same_page") is True  # no reload happened
     assert loss.get_attribute("data-points") == "3"
     assert charts.locator(".chart[data-metric='eval_loss']").get_attribute("data-points") == "1"
     shutil.rmtree(live)
 
     tab.goto(url + "/run/tiny")
-    tab.wait_for_function("document.querySelector('#charts').dataset.records === '4'")
+    wait_until(tab, "document.querySelector('#charts').dataset.records === '4'")
     assert tab.locator(".chart[data-metric='eval_loss']").get_attribute("data-points") == "2"
     assert "train:" in tab.locator("#config").inner_text()
     assert "exact_match" in tab.locator(".report pre").inner_text()  # report.md, rendered
-    tab.wait_for_function("[...document.querySelectorAll('.report img')].some(i => i.complete && i.naturalWidth > 0)")
+    wait_until(tab, "[...document.querySelectorAll('.report img')].some(i => i.complete && i.naturalWidth > 0)")
     shot(tab, "ui-run.png", tmp_path)
 
 
 def test_compare_overlays_runs_and_diffs_their_configs(server, tab, tmp_path):
-    url, _ = server
+    url = server[0]
     tab.goto(url + "/")
     tab.locator("input.pick[value='tiny']").check()
     tab.locator("input.pick[value='tiny-fast']").check()
     tab.locator("#compare").click()
-    tab.wait_for_function("document.querySelector('#charts') && document.querySelector('#charts').dataset.records === '8'")
+    wait_until(tab, "document.querySelector('#charts') && document.querySelector('#charts').dataset.records === '8'")
     diff = tab.locator("#diff").inner_text()
     assert "train.lr" in diff and "output_dir" in diff
     assert "train.max_steps" not in diff
@@ -179,7 +197,7 @@ def test_compare_overlays_runs_and_diffs_their_configs(server, tab, tmp_path):
 
 
 def test_the_data_page_marks_exactly_the_trained_tokens(server, runs_root, tab, tmp_path):
-    url, _ = server
+    url = server[0]
     export = tmp_path / "examples.jsonl"
     assert main(["data", "inspect", str(runs_root / "tiny" / "config.yaml"), "--export", str(export)]) == 0
     expected = [json.loads(line) for line in export.read_text().splitlines()][:5]
@@ -199,7 +217,7 @@ def test_chat_streams_the_reply_the_model_gives(server, runs_root, tab, tmp_path
     from sftkit.data import renderer_for
     from sftkit.generate import generate, load_for_inference
 
-    url, _ = server
+    url = server[0]
     model, tok, data_cfg = load_for_inference(str(runs_root / "hello"))
     want = generate(model, renderer_for(data_cfg, tok), [[{"role": "user", "content": "What is 2 plus 2?"}]],
                     max_new_tokens=256)[0]
@@ -244,14 +262,29 @@ def test_the_core_never_imports_the_dashboard():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def raw_get(port: int, path: str) -> int:
-    """The path sent as it is (a browser would normalise `..` away before sending)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.putrequest("GET", path, skip_host=False)
-    conn.endheaders()
-    status = conn.getresponse().status
+def raw(port: int, method: str, path: str, headers: dict | None = None, body: bytes | None = None,
+        auth: bool = True) -> tuple[int, dict, bytes]:
+    """The path sent as it is (a browser would normalise `..` away before sending); the token as a header."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest(method, path, skip_host="host" in {k.lower() for k in headers or {}})
+    for k, v in {**(AUTH if auth else {}), **(headers or {})}.items():
+        conn.putheader(k, v)
+    if body is not None and "content-length" not in {k.lower() for k in headers or {}}:
+        conn.putheader("content-length", str(len(body)))
+    conn.endheaders(body)
+    response = conn.getresponse()
+    out = response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     conn.close()
-    return status
+    return out
+
+
+def raw_get(port: int, path: str) -> int:
+    return raw(port, "GET", path)[0]
+
+
+def post_json(port: int, path: str, payload, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return raw(port, "POST", path, {"content-type": "application/json", **(headers or {})}, body)
 
 
 @pytest.mark.parametrize("path", ["/files/../secret.txt", "/files/%2e%2e/secret.txt", "/files/tiny/../../secret.txt",
@@ -264,11 +297,8 @@ def test_paths_outside_the_runs_folder_are_refused(server, path):
 @pytest.mark.parametrize("body, why", [("not json", "expected"), ("[1, 2]", "expected"), ('{"messages": []}', "end with a user"),
                                        ('{"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": "many"}', "expected")])
 def test_a_bad_chat_request_gets_400_with_the_reason(server, body, why):
-    conn = http.client.HTTPConnection("127.0.0.1", server[1], timeout=10)
-    conn.request("POST", "/api/chat/hello", body=body, headers={"content-type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 400 and why in json.loads(response.read())["error"]
-    conn.close()
+    status, _, answer = post_json(server[1], "/api/chat/hello", body.encode())
+    assert status == 400 and why in json.loads(answer)["error"]
 
 
 def test_files_inside_the_runs_folder_are_served(server):
@@ -288,3 +318,257 @@ def test_a_taken_port_gives_one_clear_line(capsys):
         assert main(["ui", "--port", str(port), "."]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is taken" in err[0] and "--port" in err[0]
+
+
+# -- the dashboard as a local server: token, Host, origin, escaping, bad input (docs/security.md) ------
+def test_every_request_needs_the_launch_token(server):
+    port = server[1]
+    for path in ("/", "/run/tiny", "/api/runs", "/files/tiny/config.yaml", "/static/app.js"):
+        status, _, body = raw(port, "GET", path, auth=False)
+        assert status == 403 and b"launch token" in body, path
+    assert raw(port, "GET", "/?token=wrong", auth=False)[0] == 403
+    status, headers, _ = raw(port, "GET", f"/?token={TOKEN}", auth=False)
+    assert status == 200 and f"sftkit_token={TOKEN}" in headers["set-cookie"] and "HttpOnly" in headers["set-cookie"]
+    assert raw(port, "GET", "/api/runs", {"cookie": f"sftkit_token={TOKEN}"}, auth=False)[0] == 200
+    assert raw(port, "GET", "/api/runs")[0] == 200  # Authorization: token ...
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", "localhost.evil"])
+def test_a_forged_host_is_refused_even_with_the_token(server, host):
+    """DNS rebinding: a page on another name that resolves to 127.0.0.1 sends its own Host."""
+    status, _, body = raw(server[1], "GET", "/api/runs", {"host": host})
+    assert status == 403 and b"not one this dashboard answers to" in body
+    assert raw(server[1], "GET", "/api/runs", {"host": f"localhost:{server[1]}"})[0] == 200
+
+
+def test_posts_are_json_from_the_pages_own_origin_and_bounded(server):
+    port = server[1]
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    status, _, body = post_json(port, "/api/chat/hello", chat, {"origin": "http://evil.example"})
+    assert status == 403 and b"not from this dashboard's own pages" in body
+    # A cross-origin form or `text/plain` fetch needs no preflight: refused for its content type.
+    status, _, body = raw(port, "POST", "/api/chat/hello", {"content-type": "text/plain"}, json.dumps(chat).encode())
+    assert status == 415 and b"must be JSON" in body
+    status, _, body = post_json(port, "/api/chat/hello", b"{}", {"content-length": str(2 << 20)})  # claimed, not sent
+    assert status == 413 and b"more than the" in body
+    status, _, body = post_json(port, "/api/chat/hello", chat, {"origin": f"http://127.0.0.1:{port}"})
+    assert status == 200 and body  # its own origin: answered
+
+
+def test_security_headers_on_every_response(server):
+    for path in ("/", "/api/runs", "/files/tiny/config.yaml", "/static/app.js", "/run/nope"):
+        _, headers, _ = raw(server[1], "GET", path)
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert "script-src 'self'" in headers["content-security-policy"] and "unsafe-inline" not in \
+            headers["content-security-policy"], path
+        assert headers["x-frame-options"] == "DENY"
+
+
+def test_pages_carry_no_inline_script(server):
+    for path in ("/", "/run/tiny", "/compare?run=tiny&run=tiny-fast", "/chat/hello", "/data/tiny", "/run/nope"):
+        _, _, body = raw(server[1], "GET", path)
+        html = body.decode()
+        assert html.count("<script") == html.count("<script src="), path
+
+
+def hostile_run(runs_root: Path, name: str, summary: dict | None = None, config: str | None = None) -> Path:
+    run = runs_root / name
+    shutil.copytree(runs_root / "tiny", run, ignore=shutil.ignore_patterns("final", "link-out", "checkpoints"))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    if config is not None:
+        (run / "config.yaml").write_text(config)
+    return run
+
+
+SCRIPTED = '<img src=x onerror="window.pwned=1">'
+
+
+def test_run_names_reports_and_values_are_shown_as_text_in_the_browser(server, runs_root, tab):
+    url = server[0]
+    made = [hostile_run(runs_root, SCRIPTED, {"steps": SCRIPTED, "metric": SCRIPTED, "scores": {"base": SCRIPTED},
+                                              "stopped": "completed", "seconds": "abc"}),
+            hostile_run(runs_root, "peft-string", config="peft: lora\nmodel: {name: x}\n")]
+    (made[0] / "report.md").write_text(f"# report\n\n{SCRIPTED} <script>window.pwned=2</script>\n")
+    ckpt = made[0] / "checkpoints" / "step-0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": SCRIPTED, "best_eval": SCRIPTED}))
+    try:
+        tab.goto(url + "/")
+        row = tab.locator(f"tr[data-run='{SCRIPTED}']")
+        assert SCRIPTED in row.inner_text()  # the name and values, as text
+        assert tab.locator("tr[data-run='peft-string'] td.status").inner_text().startswith("unreadable")
+        tab.goto(url + "/run/" + quote(SCRIPTED))
+        assert SCRIPTED in tab.locator("main > h1").inner_text()
+        assert "<script>window.pwned=2</script>" in tab.locator(".report").inner_text()
+        assert SCRIPTED in tab.locator("table").last.inner_text()  # the checkpoint's meta.json
+        for path in ("/run/x%2F%3C%2Fscript%3E%3Cscript%3Ewindow.pwned%3D3%3C%2Fscript%3E",
+                     "/compare?run=%3C%2Fscript%3E%3Cscript%3Ewindow.pwned%3D4%3C%2Fscript%3E&run=tiny",
+                     "/chat/%3C%2Fscript%3E%3Cscript%3Ewindow.pwned%3D5%3C%2Fscript%3E", "/chat/" + quote(SCRIPTED)):
+            tab.goto(url + path)
+        tab.goto(url + "/")
+        assert tab.evaluate("window.pwned") is None
+    finally:
+        for run in made:
+            shutil.rmtree(run)
+
+
+def test_one_broken_run_does_not_break_the_table(server, runs_root):
+    made = [hostile_run(runs_root, "bad-seconds", {"seconds": "abc", "steps": [1], "eval_loss": "x"}),
+            hostile_run(runs_root, "bad-config", config="peft: lora\n"),
+            hostile_run(runs_root, "bad-json", config="{{{\n")]
+    (made[2] / "summary.json").write_text("{not json")
+    try:
+        for path in ("/", "/api/runs"):
+            status, _, body = raw(server[1], "GET", path)
+            assert status == 200, (path, body[:300])
+        rows = {r["name"]: r for r in json.loads(raw(server[1], "GET", "/api/runs")[2])}
+        assert rows["bad-config"]["status"] == "unreadable" and rows["bad-config"]["why"].startswith("unreadable: ")
+        assert rows["tiny"]["status"] == "completed"
+    finally:
+        for run in made:
+            shutil.rmtree(run)
+
+
+@pytest.mark.parametrize("path", ["/api/metrics/tiny?offset=999999999999999999999999", "/api/metrics/tiny?offset=-1",
+                                  "/api/metrics/tiny?offset=abc", "/data/tiny?n=abc", "/data/tiny?n=100000"])
+def test_bad_parameters_get_400(server, path):
+    assert raw_get(server[1], path) == 400
+
+
+@pytest.mark.parametrize("path", ["/run/" + "x" * 300, "/files/" + "y/" * 150 + "z", "/run/tiny/", "/run/./tiny",
+                                  "/run/tiny//", "/files/tiny/.sftkit-run", "/files/tiny/./config.yaml",
+                                  "/files/tiny//config.yaml"])
+def test_odd_paths_and_hidden_files_are_not_found(server, path):
+    assert raw_get(server[1], path) == 404
+
+
+def test_files_serve_images_inline_text_as_plain_text_and_the_rest_as_downloads(server, runs_root):
+    run = runs_root / "tiny"
+    (run / "page.html").write_text("<script>alert(1)</script>")
+    (run / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>')
+    (run / "blob.bin").write_bytes(bytes(range(256)))
+    (run / ".hidden").mkdir(exist_ok=True)
+    (run / ".hidden" / "x.txt").write_text("secret")
+    try:
+        for name, want in (("page.html", "text/plain"), ("drawing.svg", "text/plain"), ("plots/loss.png", "image/png")):
+            status, headers, _ = raw(server[1], "GET", f"/files/tiny/{name}")
+            assert status == 200 and headers["content-type"].startswith(want) and \
+                "attachment" not in headers.get("content-disposition", ""), name
+        status, headers, _ = raw(server[1], "GET", "/files/tiny/blob.bin")
+        assert status == 200 and headers["content-disposition"].startswith("attachment")
+        assert raw_get(server[1], "/files/tiny/.hidden/x.txt") == 404
+    finally:
+        for name in ("page.html", "drawing.svg", "blob.bin"):
+            (run / name).unlink()
+        shutil.rmtree(run / ".hidden")
+
+
+def test_a_chat_to_a_run_without_a_final_model_answers_with_the_error(server):
+    status, _, body = post_json(server[1], "/api/chat/broken", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 409 and "no final model" in json.loads(body)["error"]
+    status, _, body = post_json(server[1], "/api/chat/hello", {"messages": [{"role": "user", "content": "hi"}],
+                                                                "max_new_tokens": 1e999})
+    assert status == 400
+    status, _, body = post_json(server[1], "/api/chat/hello", {"messages": [{"role": "user", "content": "word " * 600}]})
+    assert status == 400 and "positions the model takes" in json.loads(body)["error"]
+
+
+def slow_chat_model(server, delay: float = 0.02):
+    """Load the `tiny` run's model into the dashboard and make each generated token take `delay` s, so a
+    reply lasts long enough to leave in the middle of it."""
+    import torch
+
+    status, _, _ = post_json(server[1], "/api/chat/tiny", {"messages": [{"role": "user", "content": "hi"}],
+                                                            "max_new_tokens": 2})
+    assert status == 200
+    deadline = time.time() + 10
+    while server[2].chat_lock.locked() and time.time() < deadline:
+        time.sleep(0.05)
+    model = server[2].chat_model[1][0]
+    return model.register_forward_pre_hook(lambda *a: time.sleep(delay) or None), torch
+
+
+def test_a_client_that_leaves_mid_reply_stops_the_generation_and_frees_the_dashboard(server):
+    hook, _ = slow_chat_model(server)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server[1], timeout=30)
+        conn.request("POST", "/api/chat/tiny", json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_new_tokens": 400}),
+                     {"content-type": "application/json", **AUTH})
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read1(1)  # the reply has begun: ~400 tokens x 20 ms are to come
+        # While it generates: other chats are told the model is busy, and the pages answer.
+        status, headers, _ = post_json(server[1], "/api/chat/tiny", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 429 and headers["retry-after"]
+        t0 = time.time()
+        assert raw_get(server[1], "/api/runs") == 200 and time.time() - t0 < 5
+        conn.sock.close()  # the client leaves
+        conn.close()
+        t0 = time.time()
+        while server[2].chat_lock.locked() and time.time() - t0 < 20:
+            time.sleep(0.05)
+        assert not server[2].chat_lock.locked(), "the generation went on after the client left"
+        assert time.time() - t0 < 4  # stopped at the next tokens, not after the other ~8 s of them
+        status, _, _ = post_json(server[1], "/api/chat/tiny", {"messages": [{"role": "user", "content": "hi"}],
+                                                                "max_new_tokens": 2})
+        assert status == 200
+    finally:
+        hook.remove()
+
+
+def test_sigterm_stops_the_server_with_a_chat_in_flight(runs_root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sftkit", "ui", str(runs_root), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        token = line.split("?token=")[1].split()[0]
+        assert "at http://127.0.0.1:" in line
+        deadline = time.time() + 30
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("POST", "/api/chat/tiny", json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                                   "max_new_tokens": 400}),
+                             {"content-type": "application/json", "authorization": f"token {token}"})
+                break
+            except ConnectionRefusedError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read1(1)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down, then raises the signal again so the exit status says SIGTERM.
+        assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
+        out = proc.stdout.read()
+        assert time.time() - t0 < 15 and "Traceback" not in out, out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_printed_address_carries_a_fresh_token_and_no_token_warns(runs_root, capsys, monkeypatch):
+    import uvicorn
+
+    seen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append((app, kw)))
+    assert main(["ui", str(runs_root), "--port", str(free_port())]) == 0
+    assert main(["ui", str(runs_root), "--port", str(free_port())]) == 0
+    out = capsys.readouterr().out
+    tokens = [line.split("?token=")[1].split()[0] for line in out.splitlines() if "?token=" in line]
+    assert len(tokens) == 2 and tokens[0] != tokens[1] and len(tokens[0]) >= 24
+    assert seen[0][0].token == tokens[0] and seen[0][1]["timeout_graceful_shutdown"] <= 5
+    assert main(["ui", str(runs_root), "--port", str(free_port()), "--no-token"]) == 0
+    out = capsys.readouterr().out
+    assert "?token=" not in out and "--no-token: any program or web page on this machine" in out
+    assert seen[-1][0].token is None
+    assert main(["ui", str(runs_root), "--port", str(free_port()), "--host", "0.0.0.0"]) == 0
+    assert "warning: bound to 0.0.0.0, not to this machine alone" in capsys.readouterr().out

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from sftkit.config import ConfigError, load_config
 from sftkit.data.render import IGNORE
+from sftkit.distill import check_distill as check
+from sftkit.distill import tokenizer_difference
 from sftkit.loss import Distill, divergence, token_loss
-from sftkit.tasks.sft import check, tokenizer_difference
 
 from ..conftest import make_tiny_llama
 
@@ -134,3 +135,40 @@ def test_a_model_whose_logits_are_not_its_head_takes_the_full_logits_path_with_t
         full = token_loss(student, batch, distill=d)
         assert float(full.loss) == pytest.approx(float(chunked.loss), rel=1e-5)
         assert full.tokens == chunked.tokens and full.correct == chunked.correct
+
+
+def _cache_cfg(tmp_path):
+    return load_config(None, {"train.distill.teacher": str(tmp_path / "teacher"), "train.distill.top_k": 4,
+                              "data.train": str(tmp_path / "t.jsonl")})
+
+
+def test_distill_cache_overwrite_deletes_only_a_cache(tmp_path):
+    """--overwrite replaces a cache this command wrote, never a folder of something else, and never a
+    `.partial` sibling it did not write (refused before any model loads)."""
+    from sftkit.distill import CACHE_FILE, PARTIAL_MARKER, build
+
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"holds precious.txt, which is not a teacher cache.*nothing was deleted"):
+        build(_cache_cfg(tmp_path), out, overwrite=True)
+    assert (out / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="exists and is not empty; choose another --out or pass --overwrite"):
+        build(_cache_cfg(tmp_path), out, overwrite=False)
+
+    partial = tmp_path / "fresh.partial"
+    partial.mkdir()
+    (partial / "notes.md").write_text("mine")
+    with pytest.raises(ConfigError, match=r"fresh.partial.*is not an interrupted cache of this command's \(notes.md\)"):
+        build(_cache_cfg(tmp_path), tmp_path / "fresh", overwrite=True)
+    assert (partial / "notes.md").read_text() == "mine"
+
+    # What it may replace: a cache of its own, and an interrupted one (the marker): the refusal is gone
+    # and the next check (the teacher itself) is what stops this run.
+    (out / "precious.txt").unlink()
+    (out / CACHE_FILE).write_text("{}")
+    (partial / PARTIAL_MARKER).write_text("")
+    for target in (out, tmp_path / "fresh"):
+        with pytest.raises(Exception) as e:
+            build(_cache_cfg(tmp_path), target, overwrite=True)
+        assert "nothing was deleted" not in str(e.value)

@@ -43,3 +43,54 @@ def test_reusing_the_shared_prefix_gives_the_replies_each_prompt_gets_alone(toke
     assert len(set(alone)) > 1, alone  # the replies differ, so a wrong position or mask would show
     assert generate(model, renderer, prompts, max_new_tokens=12, batch_size=3) == alone
     assert generate(model, renderer, prompts, max_new_tokens=12, batch_size=4, reuse_prefix=False) == alone
+
+
+@pytest.mark.parametrize("template", ["chatml", "auto"])
+def test_every_path_asks_for_a_reply_with_the_prompt_training_rendered(tokenizer, tmp_path, template):
+    """data.system with a named template (or the tokenizer's own): training, eval, generate, best-of
+    and chat all render a conversation through one function (Renderer._text, via with_system), so the
+    model is asked exactly as it was trained, the system message included."""
+    import io
+    import json
+
+    from sftkit.config import DataConfig
+    from sftkit.data import renderer_for
+    from sftkit.data.render import IGNORE
+    from sftkit.data.sources import load_rows
+    from sftkit.evaluate import evaluate_model
+    from sftkit.generate import best_of_n, chat, generate_file, read_prompts
+
+    from ..conftest import make_tiny_llama
+
+    data_cfg = DataConfig(template=template, system="You answer in one word.", max_length=256)
+    renderer = renderer_for(data_cfg, tokenizer)
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + "\n")
+    row = load_rows(str(rows_file), system=data_cfg.system)[0]
+    ex = renderer.render(row)
+    trained_prompt = ex.input_ids[: next(i for i, y in enumerate(ex.labels) if y != IGNORE)]
+    assert tokenizer.decode(trained_prompt).count("You answer in one word.") == 1
+
+    model = make_tiny_llama(tokenizer)
+    asked = []
+    plain_generate = model.generate
+
+    def recording(*args, **kw):
+        ids, mask = kw["input_ids"], kw["attention_mask"]
+        asked.extend(r[m.bool()].tolist() for r, m in zip(ids, mask))
+        return plain_generate(*args, **kw)
+
+    model.generate = recording
+    paths = {
+        "eval": lambda: evaluate_model(model, renderer, [row], ["exact_match"], loss=False, max_new_tokens=2),
+        "generate": lambda: generate_file(model, renderer, read_prompts(str(rows_file)), str(tmp_path / "o.jsonl"),
+                                          max_new_tokens=2, batch_size=1),
+        "best-of": lambda: best_of_n(model, renderer, read_prompts(str(rows_file)), lambda items: [0.0] * len(items),
+                                     2, str(tmp_path / "b.jsonl"), None, max_new_tokens=2, batch_size=1, temperature=1.0),
+        "chat": lambda: chat(model, tokenizer, data_cfg, max_new_tokens=2, stdin=io.StringIO("hi\n/exit\n"),
+                             stdout=io.StringIO()),
+    }
+    for name, run in paths.items():
+        asked.clear()
+        run()
+        assert asked and all(a == trained_prompt for a in asked), (name, tokenizer.decode(asked[0]))

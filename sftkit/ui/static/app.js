@@ -108,7 +108,11 @@ const sftkit = (() => {
         method: "POST", headers: { "content-type": "application/json" },
         body: JSON.stringify({ messages: history, system: system.value }),
       });
-      if (!r.ok) { out.textContent = `error: ${(await r.json()).error}`; out.className = "msg error"; history.pop(); return; }
+      if (!r.ok) {
+        let why = `HTTP ${r.status}`;
+        try { why = (await r.json()).error || why; } catch (_) { /* not JSON: the status says it */ }
+        out.textContent = `error: ${why}`; out.className = "msg error"; history.pop(); return;
+      }
       const reader = r.body.getReader(), dec = new TextDecoder();
       let reply = "";
       for (;;) {  // streamed: the reply grows as the model writes it
@@ -122,5 +126,9 @@ const sftkit = (() => {
     });
   }
 
+  // What a page needs comes as data on <body> (the server writes no inline script: its CSP allows none).
+  const pages = { runs: runsPage, run: runPage, compare: comparePage, chat: chatPage };
+  const kind = document.body.dataset.page;
+  if (pages[kind]) pages[kind](JSON.parse(document.body.dataset.args || "null"));
   return { runPage, comparePage, runsPage, chatPage };
 })();

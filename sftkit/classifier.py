@@ -1,7 +1,8 @@
-"""Classification fine-tuning: a classifier head on a language model or an encoder (`task: classification`).
+"""The classifier's model side (`task: classification`, `task: reward`): loading a model with a new
+head, which parameters train for each method, the features a frozen backbone gives the head, and a
+trained classifier used on new rows (predict), with its report and plots.
 
-Rows are `text` + `label`; the label set is read from the training data and saved in the model's
-config (id2label), so plain `AutoModelForSequenceClassification` loads the result. Methods:
+Methods:
   head    backbone frozen, only the new head trains. The backbone's features are computed once
           and cached, so every epoch after the first costs almost nothing.
   freeze  the head plus what peft.trainable selects (last:N layers, name globs)
@@ -12,91 +13,22 @@ config (id2label), so plain `AutoModelForSequenceClassification` loads the resul
 from __future__ import annotations
 
 import json
-import random
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import torch
+from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .config import Config, ConfigError
+from .config import ConfigError
 from .data.sources import DataError, read_source
-from .models import resolve, select_parameters
+from .models import hub_error, resolve, select_parameters
+from .rundir import final_model
 
 
-@dataclass
-class LabelledText:
-    text: str
-    label: str
-    source: str
-    line: int
-
-
-@dataclass
-class ClassifyResult:
-    run_dir: Path
-    steps: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    report: dict | None = None
-    model: torch.nn.Module | None = None
-    seconds: float = 0.0
-
-
-# -- data -----------------------------------------------------------------------------------------
-def read_labelled(source: str, columns: dict[str, str], on_error: str = "error") -> tuple[list[LabelledText], Counter]:
-    text_col, label_col = columns.get("text", "text"), columns.get("label", "label")
-    rows, skipped = [], Counter()
-    for line, obj in read_source(source):
-        try:
-            if isinstance(obj, DataError):
-                raise obj
-            for col in (text_col, label_col):
-                if col not in obj:
-                    raise DataError(f"{source}:{line}: {col}: missing field (the row has {', '.join(sorted(obj))})",
-                                    "missing field")
-            text, label = obj[text_col], obj[label_col]
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{source}:{line}: {text_col}: expected non-empty text", "empty text")
-            if isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, str) and not label.strip()):
-                raise DataError(f"{source}:{line}: {label_col}: expected a string or integer label, got {label!r}",
-                                "bad label")
-            rows.append(LabelledText(text, str(label).strip(), source, line))
-        except DataError as e:
-            if on_error != "skip":
-                raise
-            skipped[e.reason] += 1
-    if not rows:
-        raise DataError(f"{source}: no rows")
-    return rows, skipped
-
-
-def label_names(rows: list[LabelledText]) -> list[str]:
-    names = sorted({r.label for r in rows})
-    return sorted(names, key=int) if all(n.lstrip("-").isdigit() for n in names) else names
-
-
-def stratified_split(rows: list[LabelledText], fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out `fraction` of each class (at least one where a class has two or more rows)."""
-    rng = random.Random(seed)
-    by_class: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_class.setdefault(r.label, []).append(i)
-    held: set[int] = set()
-    for idx in by_class.values():
-        rng.shuffle(idx)
-        n = round(fraction * len(idx)) or (1 if len(idx) > 1 else 0)
-        held.update(idx[:n])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
-
-
-# -- model ----------------------------------------------------------------------------------------
 def load_classifier(name: str, labels: list[str], dtype: torch.dtype = torch.float32, revision: str | None = None):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from .models import _hub_error
-
     path = resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
@@ -104,7 +36,7 @@ def load_classifier(name: str, labels: list[str], dtype: torch.dtype = torch.flo
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)}, dtype=dtype, revision=revision, output_loading_info=True)
     except OSError as e:
-        raise _hub_error(name, e) from None
+        raise hub_error(name, e) from None
     except ValueError as e:  # a model type without a sequence-classification class
         raise ConfigError(f"model.name {name!r} cannot be a classifier: {str(e).splitlines()[0][:300]}") from None
     if tok.pad_token is None:
@@ -158,50 +90,9 @@ def select_trainable(model, method: str, new_keys: set[str], trainable: list[str
             p.requires_grad_(n in selected)
         return model
     if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
         return get_peft_model(model, LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
                                                 target_modules=peft_cfg.target_modules, task_type="SEQ_CLS"))
     raise ConfigError(f"peft.method: {method!r} is not one of head, freeze, lora, full (task: classification)")
-
-
-# -- training -------------------------------------------------------------------------------------
-def encode(tok, rows: list[LabelledText], max_length: int, truncation: str = "truncate") -> tuple[list, list, int]:
-    """Token ids of the rows within max_length by data.truncation: (kept rows, their ids, rows dropped)."""
-    from .data.render import TRUNCATION
-
-    if truncation not in TRUNCATION:
-        raise DataError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
-    kept, ids, dropped = [], [], 0
-    for r in rows:
-        full = tok(r.text)["input_ids"]
-        if len(full) > max_length and truncation == "error":
-            raise DataError(f"{r.source}:{r.line}: text: {len(full)} tokens, longer than data.max_length={max_length} "
-                            "(data.truncation=error)", "longer than max_length")
-        if len(full) > max_length and truncation == "drop":
-            dropped += 1
-            continue
-        kept.append(r)
-        ids.append(full if len(full) <= max_length else tok(r.text, truncation=True, max_length=max_length)["input_ids"])
-    return kept, ids, dropped
-
-
-# Keys that mean nothing for a classifier: setting one stops the run rather than being ignored.
-UNUSED = ("data.format", "data.pack", "data.mask", "data.template", "data.system", "data.replay", "peft.rslora",
-          "peft.dora", "train.max_forward_tokens", "train.kl_to_base", "train.distill.teacher", "train.checkpointing",
-          "eval.generate",
-          "eval.metric", "eval.compare_base", "eval.max_new_tokens", "eval.limit")
-
-
-def check_keys(cfg: Config) -> None:
-    """Each key set for a classification run is used as in SFT, or the run stops here, naming it."""
-    from .config import _flatten_all
-
-    now, default = _flatten_all(cfg.to_dict()), _flatten_all(Config().to_dict())
-    unused = [k for k in UNUSED if now[k] != default[k]]
-    if unused:
-        raise ConfigError(f"task: classification does not use {', '.join(unused)} (set to "
-                          f"{', '.join(repr(now[k]) for k in unused)}); remove them from the config")
 
 
 def collate(ids: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -227,29 +118,7 @@ def cache_features(model, ids: list[list[int]], pad_id: int, batch_size: int, de
     return torch.stack(out)
 
 
-def class_weights(spec, rows: list[LabelledText], labels: list[str]) -> torch.Tensor | None:
-    if spec in (None, "none"):
-        return None
-    counts = Counter(r.label for r in rows)
-    if spec == "auto":  # inverse frequency, mean weight 1
-        return torch.tensor([len(rows) / (len(labels) * max(counts[n], 1)) for n in labels], dtype=torch.float32)
-    if isinstance(spec, list) and len(spec) == len(labels):
-        return torch.tensor([float(w) for w in spec], dtype=torch.float32)
-    raise ConfigError(f"classify.class_weights: expected none, auto or a list of {len(labels)} numbers ({labels})")
-
-
-def train_classifier(cfg: Config, overwrite: bool = False, cache: bool = True, resume: bool = False):
-    """Train a classifier: the shared loop (sftkit.trainer.train) with task: classification.
-    `cache=False` computes a frozen backbone's features at every step instead of once (tests compare)."""
-    from .trainer import train
-
-    cfg.task = "classification"
-    return train(cfg, overwrite=overwrite, resume=resume, options={"cache": cache})
-
-
 def plot_confusion(report: dict, out: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -286,10 +155,8 @@ def format_report(metrics: dict, report: dict) -> str:
 @torch.no_grad()
 def predict(run_or_model: str, input_path: str, output_path: str, columns: dict[str, str] | None = None,
             batch_size: int = 32, max_length: int = 512) -> int:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    p = Path(run_or_model)
-    path = p / "final" / "model" if (p / "final" / "model").is_dir() else Path(resolve(run_or_model))
+    path = final_model(run_or_model)
+    path = path if Path(path).is_dir() else resolve(run_or_model)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     text_col = (columns or {}).get("text", "text")
