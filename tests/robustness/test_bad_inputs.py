@@ -42,6 +42,8 @@ def row_msgs(*msgs):
     return {"messages": [dict(zip(("role", "content"), m)) for m in msgs]}
 
 
+PAIR_ROWS = [{"prompt": f"Is {i} even?", "chosen": "yes", "rejected": "no"} for i in range(4)]
+
 CASES = [
     # -- data files ---------------------------------------------------------------------------------
     Case("file-missing", "data.train names a file that does not exist", r"<tmp>/nope\.jsonl: file not found",
@@ -203,6 +205,18 @@ CASES = [
     Case("classify-unused-key", "classification with data.pack: true", r"task: classification does not use "
          r"data.pack", over={"task": "classification", "data.pack": True},
          train=[{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(4)]),
+    Case("preference-mask", "task: preference with data.mask: assistant",
+         r"data.mask=assistant: task: preference scores the reply after its prompt",
+         over={"task": "preference", "data.mask": "assistant"}, train=PAIR_ROWS),
+    Case("reward-replay", "task: reward with data.replay", r"task: reward does not use data.replay",
+         over={"task": "reward", "data.replay": {"source": "builtin", "ratio": 0.1}}, train=PAIR_ROWS),
+    Case("preference-all-held-out", "one preference pair, data.eval_fraction: 0.5",
+         r"no pair left to train on: all 1 pairs read are held out", over={"task": "preference",
+                                                                          "data.eval_fraction": 0.5}, train=PAIR_ROWS[:1]),
+    Case("distill-cache-overwrite-foreign", "distill cache --overwrite into a folder that is not a cache",
+         r"distill cache --overwrite: <tmp>/precious holds notes.txt, which is not a teacher cache",
+         over={"train.distill.teacher": "{tmp}/teacher", "train.distill.top_k": 4},
+         argv=["distill", "cache", "{cfg}", "--out", "{tmp}/precious", "--overwrite"], prepare="precious_dir"),
     Case("task-unknown", "task: regression", r"task: 'regression' is not sft or classification", over={"task": "regression"}),
 ]
 
@@ -211,6 +225,11 @@ TINY: list[Path] = []  # the tiny model's folder, for set-ups that derive anothe
 
 
 # -- set-ups ------------------------------------------------------------------------------------------
+def precious_dir(tmp, cfg):
+    (tmp / "precious").mkdir()
+    (tmp / "precious" / "notes.txt").write_text("keep me")
+
+
 def txt_file(tmp, cfg):
     (tmp / "train.txt").write_text("hello\n")
 
@@ -424,3 +443,10 @@ def test_ctrl_c_while_the_model_loads_is_one_line(tmp_path, tiny_model_dir):
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "sftkit: interrupted (Ctrl-C)" in err
     assert train.read_text().count("\n") == 20000  # the input is intact
+
+
+def test_an_abbreviated_flag_is_not_taken_for_the_whole_one(capsys):
+    """`--over` must not quietly mean `--overwrite` (argparse's default would take it)."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "c.yaml", "--over"])
+    assert e.value.code == 2 and "unrecognized arguments: --over" in capsys.readouterr().err
