@@ -39,10 +39,23 @@ def _data_overrides(items: list[str]) -> dict | None:
 
 
 # -- the commands ------------------------------------------------------------------------------------
+def config_file(path: str) -> str:
+    """A config file as given; a folder (a run, say) is told apart before anything is read."""
+    p = Path(path)
+    if p.is_dir():
+        from .rundir import is_run_dir
+
+        if is_run_dir(p):
+            raise ConfigError(f"{p} is a run directory, not a config file; to continue that run: "
+                              f"sftkit train {p / 'config.yaml'} --resume (or look at it: sftkit ui {p.parent})")
+        raise ConfigError(f"{p} is a folder, not a config file (a YAML file such as configs/quickstart.yaml)")
+    return path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import launch_processes, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config_file(args.config), args.overrides)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_processes(args.nproc, args.accelerate_config, args.argv)
     if args.overwrite and args.resume:

@@ -217,6 +217,11 @@ CASES = [
          r"distill cache --overwrite: <tmp>/precious holds notes.txt, which is not a teacher cache",
          over={"train.distill.teacher": "{tmp}/teacher", "train.distill.top_k": 4},
          argv=["distill", "cache", "{cfg}", "--out", "{tmp}/precious", "--overwrite"], prepare="precious_dir"),
+    Case("train-run-dir", "train given a run directory instead of its config",
+         r"<tmp>/run is a run directory, not a config file; to continue that run: sftkit train <tmp>/run/config.yaml "
+         r"--resume", argv=["train", "{tmp}/run"], prepare="finished_run"),
+    Case("train-folder", "train given a folder that is not a run", r"<tmp>/empty is a folder, not a config file",
+         argv=["train", "{tmp}/empty"], prepare="empty_dir"),
     Case("task-unknown", "task: regression", r"task: 'regression' is not sft or classification", over={"task": "regression"}),
 ]
 
