@@ -322,8 +322,12 @@ def load_reference(name: str, dtype: str, tok=None) -> torch.nn.Module:
     """preference.reference: a model name or directory, or a run directory (its final model); refused
     when its tokenizer is not the policy's `tok` (log-probs of one text must be of the same tokens)."""
     given, name = name, final_model(name)
-    if tok is not None:
-        difference = tokenizer_difference(tok, load_tokenizer(name))
+    try:  # a model folder saved without its tokenizer is checked by its output width below
+        ref_tok = load_tokenizer(name) if tok is not None else None
+    except (OSError, ValueError, ConfigError):
+        ref_tok = None
+    if ref_tok is not None:
+        difference = tokenizer_difference(tok, ref_tok)
         if difference:
             raise ConfigError(f"preference.reference {given}: its tokenizer is not the policy's: {difference}; the "
                               "reference must score the same tokens (use a model of the same family, or unset it "
@@ -332,6 +336,10 @@ def load_reference(name: str, dtype: str, tok=None) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=pick_dtype(dtype))
     except OSError as e:
         raise hub_error(name, e) from None
+    head = model.get_output_embeddings()
+    if tok is not None and head is not None and head.weight.shape[0] < len(tok):
+        raise ConfigError(f"preference.reference {given}: it scores {head.weight.shape[0]} tokens, the policy's tokenizer "
+                          f"has {len(tok)}; the reference must score the same tokens")
     return model.eval().requires_grad_(False)
 
 
