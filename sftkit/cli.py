@@ -38,6 +38,24 @@ def _data_overrides(items: list[str]) -> dict | None:
     return overrides
 
 
+def check_inputs(models: dict[str, str | None], files: dict[str, str | None] | None = None,
+                 metrics: list[str] = ()) -> None:
+    """What a command was given, checked before any model loads or any row is generated: files that
+    must exist, model names that are paths (a mistyped path is never tried as a hub id), metric names
+    (a user's module:function is imported here). Each failure is a ConfigError naming the flag."""
+    from .metrics import metric_fn
+    from .rundir import check_file, looks_like_path, near_path
+
+    for what, path in (files or {}).items():
+        if path:
+            check_file(path, what)
+    for what, name in models.items():
+        if name and looks_like_path(name) and not Path(name).expanduser().exists():
+            raise ConfigError(f"{what} {name}: no such directory{near_path(Path(name).expanduser())}")
+    for m in metrics:
+        metric_fn(m)
+
+
 # -- the commands ------------------------------------------------------------------------------------
 def config_file(path: str) -> str:
     """A config file as given; a folder (a run, say) is told apart before anything is read."""
@@ -53,9 +71,9 @@ def config_file(path: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(config_file(args.config), args.overrides)  # a bad config answers before torch loads
     from .trainer import launch_processes, train
 
-    cfg = load_config(config_file(args.config), args.overrides)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_processes(args.nproc, args.accelerate_config, args.argv)
     if args.overwrite and args.resume:
@@ -118,6 +136,8 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    check_inputs({"model": args.model, "--adapter": args.adapter}, {"--data": args.data, "--shots-from": args.shots_from},
+                 _metrics(args.metrics))
     from .compare import run_eval
 
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
@@ -142,6 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    check_inputs({"base": args.base, "run": args.run}, {"--data": args.data, "--shots-from": args.shots_from},
+                 _metrics(args.metrics))
     from .compare import compare, table
 
     results, run_dir = compare(args.base, args.run, args.data, _metrics(args.metrics), few_shot=args.few_shot,
@@ -154,13 +176,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if (args.best_of > 1 or args.reward) and (args.best_of < 2 or not args.reward):
+        raise ConfigError("--best-of N needs N >= 2 and --reward REWARD_RUN (the reward model that picks)")
+    check_inputs({"model": args.model, "--adapter": args.adapter, "--reward": args.reward}, {"--input": args.input})
     from .data import renderer_for
     from .generate import best_of_n, generate_file, load_for_inference, read_prompts
 
-    if (args.best_of > 1 or args.reward) and (args.best_of < 2 or not args.reward):
-        raise ConfigError("--best-of N needs N >= 2 and --reward REWARD_RUN (the reward model that picks)")
+    rows = read_prompts(args.input)  # a bad row stops here, before the model loads
     model, tok, data_cfg = load_for_inference(args.model, args.adapter)
-    rows = read_prompts(args.input)
     renderer = renderer_for(data_cfg, tok)
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                top_p=args.top_p, seed=args.seed)
@@ -180,6 +203,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     """A reward model's score for each prompt + reply row."""
     import json
 
+    check_inputs({"run": args.run}, {"--input": args.input})
     from .tasks.reward import Scorer, read_scored
 
     rows, items = read_scored(args.input)
@@ -192,6 +216,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    check_inputs({"model": args.model, "--adapter": args.adapter})
     from .generate import chat, load_for_inference
 
     model, tok, data_cfg = load_for_inference(args.model, args.adapter)

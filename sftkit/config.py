@@ -205,9 +205,14 @@ _PEER_NAMES = {
 
 
 def _unknown_key(key: str) -> ConfigError:
-    last = key.rsplit(".", 1)[-1]
-    close = [k for k in valid_keys() if k.rsplit(".", 1)[-1] == _PEER_NAMES.get(last)]
-    close += [k for k in difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5) if k not in close]
+    section, _, last = key.rpartition(".")
+    peer = _PEER_NAMES.get(last) or next((_PEER_NAMES[p] for p in difflib.get_close_matches(last, list(_PEER_NAMES),
+                                                                                             n=1, cutoff=0.85)), None)
+    if peer:  # another tool's name for one of ours: that key alone (in the section given, when it has one)
+        close = [k for k in valid_keys() if k.rsplit(".", 1)[-1] == peer]
+        close = [k for k in close if k.startswith(section + ".")] or close
+    else:
+        close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
     if not close:  # a misspelt section still deserves a hint: match on the last part alone
         close = [k for k in valid_keys() if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
     hint = f"; did you mean {' or '.join(repr(c) for c in close[:3])}?" if close else ""

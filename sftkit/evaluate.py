@@ -6,14 +6,9 @@ score a greedy (or sampled) reply against the reference reply.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import re
-import string
 import sys
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,124 +21,7 @@ from .data.render import build_examples
 from .data.sources import DataError
 from .generate import generate
 from .loss import TokenLoss, token_loss
-
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-# -- per-row metrics ------------------------------------------------------------------------------
-def normalise_text(s: str, punctuation: bool = False) -> str:
-    """Lower-case, no surrounding whitespace, inner whitespace collapsed; optionally no punctuation."""
-    s = s.lower().translate(_PUNCT) if punctuation else s.lower()
-    return re.sub(r"\s+", " ", s.strip())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalise_text(prediction) == normalise_text(reference))
-
-
-def exact_match_strict(prediction: str, reference: str) -> float:
-    return float(prediction.strip() == reference.strip())
-
-
-def exact_match_loose(prediction: str, reference: str) -> float:
-    """Also ignores punctuation."""
-    return float(normalise_text(prediction, True) == normalise_text(reference, True))
-
-
-def _words(s: str) -> list[str]:
-    return normalise_text(s, punctuation=True).split()
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    p, r = _words(prediction), _words(reference)
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 on words: longest common subsequence against both lengths."""
-    p, r = _words(prediction), _words(reference)
-    if not p or not r:
-        return float(p == r)
-    prev = [0] * (len(r) + 1)
-    for a in p:
-        cur = [0]
-        for j, b in enumerate(r):
-            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-METRICS: dict[str, Callable[[str, str], float]] = {
-    "exact_match": exact_match, "exact_match_strict": exact_match_strict, "exact_match_loose": exact_match_loose,
-    "token_f1": token_f1, "rouge_l": rouge_l,
-}
-
-
-def metric_fn(name: str) -> Callable[[str, str], float]:
-    """A built-in metric, or `module:function` taking (prediction, reference) and returning a number."""
-    if name in METRICS:
-        return METRICS[name]
-    if ":" in name:
-        module, fn = name.split(":", 1)
-        try:
-            sys.path.insert(0, str(Path.cwd()))
-            f = getattr(importlib.import_module(module), fn)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"metric {name!r}: cannot import {fn} from {module}: {e}") from None
-        finally:
-            sys.path.pop(0)
-        return f
-    raise ValueError(f"metric {name!r} is not one of {', '.join(METRICS)} nor module:function")
-
-
-def score(predictions: list[str], references: list[str], metric: str) -> float:
-    fn = metric_fn(metric)
-    return sum(float(fn(p, r)) for p, r in zip(predictions, references)) / max(len(references), 1)
-
-
-# -- classification-style -------------------------------------------------------------------------
-def is_label_set(references: list[str], max_labels: int = 20) -> bool:
-    """References drawn from a small set of short labels (sentiment, yes/no, a category)."""
-    labels = {normalise_text(r) for r in references}
-    return 1 < len(labels) <= max_labels and len(labels) < len(references) and all(len(x.split()) <= 3 for x in labels)
-
-
-def classification_report(predictions: list[str], references: list[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix (rows: reference)."""
-    refs = [normalise_text(r) for r in references]
-    preds = [normalise_text(p) for p in predictions]
-    labels = sorted(set(refs))
-    other = "(other)"
-    cols = labels + ([other] if any(p not in labels for p in preds) else [])
-    matrix = {r: dict.fromkeys(cols, 0) for r in labels}
-    for p, r in zip(preds, refs):
-        matrix[r][p if p in labels else other] += 1
-    per_class = {}
-    for c in labels:
-        tp = matrix[c][c]
-        predicted = sum(matrix[r][c] for r in labels)
-        actual = sum(matrix[c].values())
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[c] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    return {
-        "accuracy": sum(p == r for p, r in zip(preds, refs)) / max(len(refs), 1),
-        "macro_f1": sum(v["f1"] for v in per_class.values()) / max(len(per_class), 1),
-        "per_class": per_class,
-        "labels": cols,
-        "confusion": [[matrix[r][c] for c in cols] for r in labels],
-    }
+from .metrics import classification_report, is_label_set, metric_fn
 
 
 # -- a whole evaluation ---------------------------------------------------------------------------

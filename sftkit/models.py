@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib.util
 import os
@@ -19,11 +20,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from .compat import clear_quantization_flags
 from .config import ConfigError, PeftConfig
 from .job import log
 from .lora import use_fused_lora
+from .rundir import looks_like_path, near_path
+
+# transformers draws a "Loading weights" bar on every from_pretrained, even for a 2-layer model that
+# loads in milliseconds; sftkit logs what it loads instead. Downloads keep huggingface_hub's own bars.
+hf_logging.disable_progress_bar()
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,13 @@ def resolve(name: str) -> str:
         if not (p / "config.json").is_file():
             raise ConfigError(f"model.name {name!r} is a path but holds no config.json (not a Hugging Face model directory)")
         return str(p)
+    if looks_like_path(name):
+        raise ConfigError(f"model {name!r}: no such directory{near_path(p)} (a hub id is owner/name, an alias one of "
+                          f"{', '.join(ALIASES)})")
+    close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1, cutoff=0.75)
+    if close and "/" not in name:
+        raise ConfigError(f"model {name!r} is not an alias nor a local directory; did you mean {close[0]!r}? "
+                          "(`sftkit models` lists the aliases)")
     return name
 
 

@@ -11,6 +11,7 @@ run keeps its final model. No torch: the dashboard reads runs through this too.
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from pathlib import Path
 
@@ -76,3 +77,31 @@ def prepare_run_dir(path: str | Path, overwrite: bool, resume: bool) -> Path:
     except OSError as e:
         raise ConfigError(f"output_dir {out} is not writable: {e.strerror or e}") from None
     return out
+
+
+# -- a path the user typed ----------------------------------------------------------------------
+def looks_like_path(name: str) -> bool:
+    """A name that cannot be a hub id (owner/name): it starts like a path, has more than one '/', or its
+    first part is a folder here (`runs/demo` beside a `runs` folder). Such a name is never sent to the hub."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/"):
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).expanduser().is_dir()
+
+
+def near_path(p: Path) -> str:
+    """'; did you mean X?' from the names beside where the missing path would be, or where it stops."""
+    parent = p.parent
+    while not parent.is_dir() and parent != parent.parent:
+        p, parent = parent, parent.parent
+    if not parent.is_dir():
+        return ""
+    names = [c.name for c in parent.iterdir() if not c.name.startswith(".")]
+    close = difflib.get_close_matches(p.name, names, n=1, cutoff=0.6)
+    return f" ({parent} has no {p.name!r}; did you mean {str(parent / close[0])!r}?)" if close else f" ({parent} has no {p.name!r})"
+
+
+def check_file(path: str, what: str) -> None:
+    """A file the command will read exists, checked before any model loads (`what` names the flag)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} {path}: no such file{near_path(p)}")

@@ -33,8 +33,8 @@ from .config import ConfigError
 from .data import renderer_for
 from .data.quality import NearIndex, lint, row_texts
 from .data.sources import DataError, Row, load_rows
-from .evaluate import rouge_l
 from .generate import generate, load_for_inference
+from .metrics import rouge_l
 from .tasks.reward import Scorer
 
 UNSUITABLE = ("image", "images", "picture", "pictures", "photo", "graph", "graphs", "file", "files", "map", "maps",

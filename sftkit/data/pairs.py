@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError
-from .sources import DataError, ReadStats, Row, mix, parse_sources, read_source, split_eval
+from .sources import DataError, ReadStats, Row, mix, parse_sources, read_source, source_files, split_eval
 
 
 @dataclass
@@ -71,7 +71,10 @@ def normalise_pair(obj, source: str, line: int, columns: dict[str, str], system:
 
 def read_pairs(cfg: Config, stats: ReadStats) -> tuple[list[Pair], list[Pair]]:
     """Training and held-out pairs: every data.train source split (data.eval_fraction) before mixing."""
-    def load(path: str, split: str = "train") -> list[Pair]:
+    def load(source: str, split: str = "train") -> list[Pair]:
+        return [pair for path in source_files(source) for pair in load_file(path, split)]
+
+    def load_file(path: str, split: str) -> list[Pair]:
         out = []
         for line, obj in read_source(path, split):
             stats.rows += 1

@@ -10,8 +10,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasketch import MinHash, MinHashLSH
-
 from .render import IGNORE, Example
 from .sources import DataError, ReadStats, Row, load_rows, parse_sources
 
@@ -129,6 +127,8 @@ class NearIndex:
     `threshold` or more, as near_duplicates), or one sharing a word n-gram (as contaminated)."""
 
     def __init__(self, rows: list[Row], threshold: float = 0.8, n: int = 13, num_perm: int = 64, shingle: int = 3):
+        from datasketch import MinHash, MinHashLSH  # here: the CLI imports this module to answer --help
+
         self.rows, self.n, self.num_perm, self.shingle = rows, n, num_perm, shingle
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         for i, m in enumerate(MinHash.bulk([shingles_of(r, shingle) for r in rows], num_perm=num_perm)):
@@ -136,6 +136,8 @@ class NearIndex:
         self.owner = ngram_owners(rows, n)
 
     def near(self, row: Row) -> int | None:
+        from datasketch import MinHash
+
         m = MinHash.bulk([shingles_of(row, self.shingle)], num_perm=self.num_perm)[0]
         hits = self.lsh.query(m)
         return min(int(h) for h in hits) if hits else None
@@ -146,6 +148,8 @@ class NearIndex:
 
 def near_duplicates(rows: list[Row], threshold: float = 0.8, num_perm: int = 64, shingle: int = 3) -> list[list[int]]:
     """Clusters (row indices) whose word-shingle Jaccard similarity is about `threshold` or more (MinHash LSH)."""
+    from datasketch import MinHash, MinHashLSH
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     shingles = [shingles_of(r, shingle) for r in rows]
     hashes = MinHash.bulk(shingles, num_perm=num_perm)  # vectorised: several times faster than one by one

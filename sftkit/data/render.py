@@ -15,10 +15,12 @@ import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .sources import DataError, Row
+
+if TYPE_CHECKING:  # the type only: `sftkit --help` and a config error answer without loading transformers
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 

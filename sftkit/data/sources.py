@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..job import log
+
 ROLES = ("system", "user", "assistant")
 FORMATS = ("text", "prompt_completion", "messages", "sharegpt", "alpaca")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -121,7 +123,11 @@ def _hf(source: str, split: str) -> Iterator[tuple[int, Any]]:
 
     p = Path(source)
     if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise DataError(f"{p}: a dataset folder datasets cannot load ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{p}: no split {split!r} (splits: {', '.join(ds)})")
@@ -136,6 +142,29 @@ def _hf(source: str, split: str) -> Iterator[tuple[int, Any]]:
                 "save it elsewhere with datasets' save_to_disk or as JSONL and pass the path."
             ) from None
     yield from enumerate(ds, start=1)
+
+
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+SAVED_DATASET = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets' save_to_disk writes
+
+
+def source_files(source: str) -> list[str]:
+    """The files one source names: a folder of data files (not a dataset saved with save_to_disk) as
+    its files in path order, sub-folders included, dot-files and dot-folders left out; anything else as
+    itself. Files of other types beside them (a README) are named in the log, never read silently."""
+    p = Path(source)
+    if not p.is_dir() or any((p / n).is_file() for n in SAVED_DATASET):
+        return [source]
+    found = sorted(f for f in p.rglob("*") if f.is_file() and not any(x.startswith(".") for x in f.relative_to(p).parts))
+    files = [f for f in found if f.suffix.lower() in DATA_SUFFIXES]
+    if not files:
+        raise DataError(f"{p}: a folder without data files ({', '.join(DATA_SUFFIXES)}) that is not a dataset "
+                        "saved with datasets' save_to_disk either" + (f" (it holds {', '.join(f.name for f in found[:5])})"
+                                                                      if found else " (it is empty)"))
+    others = [str(f.relative_to(p)) for f in found if f not in files]
+    log(f"{p}: reading {len(files)} data files ({', '.join(str(f.relative_to(p)) for f in files[:4])}"
+        f"{', ...' if len(files) > 4 else ''})" + (f"; not data, left out: {', '.join(others[:4])}" if others else ""))
+    return [str(f) for f in files]
 
 
 def read_source(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
@@ -155,6 +184,9 @@ def read_source(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
                 readers[".json"] = _jsonl
         yield from readers[suffix](p)
     elif p.is_dir():
+        if not any((p / n).is_file() for n in SAVED_DATASET):
+            raise DataError(f"{p}: a folder, not a data file nor a dataset saved with datasets' save_to_disk "
+                            "(data.train and data.eval read a folder of data files; here give one file)")
         yield from _hf(source, split)
     elif p.suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv", ".parquet") or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: file not found")
@@ -351,6 +383,9 @@ def load_rows(source: str, fmt: str = "auto", columns: dict[str, str] | None = N
     if on_error not in ("error", "skip"):
         raise DataError(f"data.on_error: {on_error!r} is not one of error, skip")
     stats = stats if stats is not None else ReadStats()
+    files = source_files(str(source))
+    if files != [str(source)]:  # a folder: each file read as a source of its own, so messages name the file
+        return [r for f in files for r in load_rows(f, fmt, columns, system, on_error, stats, split)]
     norm = Normaliser(str(source), fmt, columns, system)
     rows: list[Row] = []
     first = True

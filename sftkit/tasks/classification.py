@@ -31,10 +31,10 @@ from ..config import Config, ConfigError, flatten_all
 from ..data.packing import Batcher
 from ..data.quality import analyse, percentile, quality_summary
 from ..data.render import TRUNCATION
-from ..data.sources import DataError, Row, read_source
-from ..evaluate import classification_report
+from ..data.sources import DataError, Row, read_source, source_files
 from ..export import write_card
 from ..job import Job, Run, RunResult, cap_max_length, log
+from ..metrics import classification_report
 from ..models import count_parameters, pick_dtype
 
 
@@ -48,6 +48,10 @@ class LabelledText:
 
 
 def read_labelled(source: str, columns: dict[str, str], on_error: str = "error") -> tuple[list[LabelledText], Counter]:
+    files = source_files(source)
+    if files != [source]:  # a folder of data files: each read on its own, so messages name the file
+        parts = [read_labelled(f, columns, on_error) for f in files]
+        return [r for rows, _ in parts for r in rows], sum((c for _, c in parts), Counter())
     text_col, label_col = columns.get("text", "text"), columns.get("label", "label")
     rows, skipped = [], Counter()
     for line, obj in read_source(source):

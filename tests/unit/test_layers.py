@@ -155,6 +155,19 @@ def test_importing_the_dashboard_loads_no_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_a_bad_config_is_answered_before_torch_or_transformers_load(tmp_path):
+    """`sftkit train bad.yaml` answers in a fraction of a second: the CLI module and config reading
+    load neither torch nor transformers (nor datasketch's scientific stack), and cmd_train reads the
+    config before it imports the trainer."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: smollm2-135m\n")
+    code = ("import sys\nfrom sftkit.cli import main\nrc = main(['train', sys.argv[1]])\n"
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'datasketch', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120)
+    assert "model is a section" in out.stderr
+    assert out.stdout.strip() == "2 []", out.stdout
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), or a module importing itself."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]

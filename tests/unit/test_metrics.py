@@ -3,11 +3,11 @@
 import pytest
 
 from sftkit.data.sources import Normaliser
-from sftkit.evaluate import (
+from sftkit.evaluate import few_shot_prompt
+from sftkit.metrics import (
     classification_report,
     exact_match,
     exact_match_loose,
-    few_shot_prompt,
     is_label_set,
     metric_fn,
     rouge_l,
@@ -60,3 +60,10 @@ def test_few_shot_prompt_places_examples_as_earlier_turns():
     shots = [n({"prompt": "q1", "completion": "a1"}, 1), n({"prompt": "q2", "completion": "a2"}, 2)]
     got = few_shot_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], shots)
     assert [m["content"] for m in got] == ["s", "q1", "a1", "q2", "a2", "q"]
+
+
+def test_a_misspelt_metric_gets_a_did_you_mean():
+    from sftkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'exact_match'"):
+        metric_fn("exact_mtch")

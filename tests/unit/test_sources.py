@@ -148,3 +148,64 @@ def test_held_out_rows_never_reach_training_under_weights_replay_and_duplicates(
         train, held, _ = read(cfg.data, seed=seed)
         assert held and not {content_key(r) for r in held} & {content_key(r) for r in train}
         assert not any(r.source.endswith("reference.jsonl") for r in held)  # replay text is training only
+
+
+def test_a_folder_of_data_files_is_read_file_by_file(tmp_path, capsys):
+    """data.train: a folder of JSONL/CSV files is every file in path order (sub-folders too, dot-files
+    not), each row's messages naming its own file; a README beside them is named as left out."""
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    write_jsonl(d / "a.jsonl", [{"prompt": "p1", "completion": "c1"}])
+    write_jsonl(d / "sub" / "b.jsonl", [{"prompt": "p2", "completion": "c2"}, {"prompt": "p3", "completion": "c3"}])
+    (d / "c.csv").write_text("prompt,completion\np4,c4\n")
+    (d / "README.md").write_text("about the data\n")
+    (d / ".hidden.jsonl").write_text('{"prompt": "no", "completion": "no"}\n')
+    rows = load_rows(str(d))
+    assert [r.messages[0]["content"] for r in rows] == ["p1", "p4", "p2", "p3"]
+    err = capsys.readouterr().err
+    assert "reading 3 data files" in err and "left out: README.md" in err and ".hidden" not in err
+    cfg = load_config(None, [f"data.train={d}", "data.eval_fraction=0"])
+    train, held, _ = read(cfg.data, 0)
+    assert len(train) == 4 and not held
+    write_jsonl(d / "sub" / "b.jsonl", [{"prompt": "p2", "completion": "c2"}, {"prompt": 7, "completion": "c"}])
+    with pytest.raises(DataError, match=r"sub/b\.jsonl:2: prompt"):
+        load_rows(str(d))
+
+
+def test_a_folder_without_data_files_or_given_where_one_file_is_read(tmp_path):
+    from sftkit.data.sources import read_source
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="a folder without data files .*it is empty"):
+        load_rows(str(empty))
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"it holds notes\.txt"):
+        load_rows(str(empty))
+    with pytest.raises(DataError, match="a folder, not a data file .*here give one file"):
+        list(read_source(str(empty)))
+    (empty / "state.json").write_text("{}")  # looks like a saved dataset, is not one
+    with pytest.raises(DataError, match="a dataset folder datasets cannot load"):
+        load_rows(str(empty))
+
+
+def test_preference_pairs_and_labelled_texts_read_a_folder_too(tmp_path):
+    from sftkit.data.pairs import read_pairs
+    from sftkit.tasks.classification import read_labelled
+
+    d = tmp_path / "pairs"
+    d.mkdir()
+    for i in range(2):
+        write_jsonl(d / f"{i}.jsonl", [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"}])
+    cfg = load_config(None, [f"data.train={d}", "data.eval_fraction=0"])
+    train, held = read_pairs(cfg, ReadStats())
+    assert [p.prompt[-1]["content"] for p in train] == ["q0", "q1"] and not held
+    assert train[1].source.endswith("1.jsonl")
+    t = tmp_path / "texts"
+    t.mkdir()
+    write_jsonl(t / "a.jsonl", [{"text": "x", "label": "pos"}])
+    write_jsonl(t / "b.jsonl", [{"text": "y", "label": "neg"}, {"text": "z"}])
+    with pytest.raises(DataError, match=r"b\.jsonl:2: label: missing field"):
+        read_labelled(str(t), {})
+    rows, skipped = read_labelled(str(t), {}, on_error="skip")
+    assert [r.label for r in rows] == ["pos", "neg"] and skipped["missing field"] == 1
