@@ -30,6 +30,7 @@ class LossSums:
     loss: torch.Tensor  # summed token cross-entropy (a graph for backward in training)
     tokens: int  # trained tokens summed over
     correct: int  # trained tokens whose argmax prediction was right
+    parts: torch.Tensor | None = None  # distillation: the summed NLL and divergence, unweighted (logged apart)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -180,16 +181,16 @@ def cached_divergence(student_logits: torch.Tensor, teacher_logp: torch.Tensor, 
 
 
 def _distilled(logits: torch.Tensor, targets: torch.Tensor, d: Distill, teacher):
-    """(1 - weight) * NLL + weight * divergence, summed. `teacher`: its logits, compared over the shared
-    vocabulary (a model may pad its output layer beyond the tokenizer), or an offline cache's top-k
-    (log-probs, token ids)."""
+    """(1 - weight) * NLL + weight * divergence, summed, with the two sums apart (detached, for the log).
+    `teacher`: its logits, compared over the shared vocabulary (a model may pad its output layer
+    beyond the tokenizer), or an offline cache's top-k (log-probs, token ids)."""
     ce = F.cross_entropy(logits.float(), targets, reduction="sum")
     if isinstance(teacher, tuple):
         div = cached_divergence(logits, *teacher, d.temperature)
     else:
         v = min(logits.shape[-1], teacher.shape[-1])
         div = divergence(logits[:, :v], teacher[:, :v], d.temperature, d.kind, d.top_k)
-    return (1 - d.weight) * ce + d.weight * div, (logits.argmax(-1) == targets).sum()
+    return (1 - d.weight) * ce + d.weight * div, (logits.argmax(-1) == targets).sum(), torch.stack([ce, div]).detach()
 
 
 def _head_distill(head, hidden, targets, d: Distill, teacher):
@@ -247,8 +248,8 @@ def _full_logits_loss(model, inputs: dict, targets: torch.Tensor, keep: torch.Te
         if teacher is None:
             with torch.no_grad():
                 teacher = unwrap(distill.teacher)(**inputs).logits[:, :-1][keep].float()
-        loss, ok = _distilled(logits, t, distill, teacher)
-        return LossSums(loss, int(t.numel()), int(ok))
+        loss, ok, parts = _distilled(logits, t, distill, teacher)
+        return LossSums(loss, int(t.numel()), int(ok), parts)
     loss = F.cross_entropy(logits, t, reduction="sum")
     if kl_coef > 0:
         with torch.no_grad():
@@ -307,7 +308,7 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     t = targets[keep]
     head = base.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
-    correct = 0
+    correct, parts = 0, torch.zeros(2, dtype=torch.float32)
     if distill is not None:
         if cached is None:
             with torch.no_grad():
@@ -317,10 +318,10 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
             sl = slice(i, i + chunk_size)
             part = (cached[0][sl], cached[1][sl]) if cached is not None else (teacher_head, teacher_h[sl])
             args = (head, hidden[sl], t[sl], distill, part)
-            loss, ok = checkpoint(_head_distill, *args, use_reentrant=False) \
+            loss, ok, part = checkpoint(_head_distill, *args, use_reentrant=False) \
                 if torch.is_grad_enabled() and n > chunk_size else _head_distill(*args)
-            total, correct = total + loss, correct + int(ok)
-        return LossSums(total, n, correct)
+            total, correct, parts = total + loss, correct + int(ok), parts + part.cpu()
+        return LossSums(total, n, correct, parts)
     if kl_coef > 0:
         base_h = base_hidden_states(model, inputs, frozen_base)[:, :-1][keep]
         for i in range(0, n, chunk_size):
@@ -348,7 +349,8 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
 class TokenLoss(torch.nn.Module):
     """The model plus its loss as one module, so DDP (which hooks `forward`) sees the whole step.
 
-    forward(batch) returns (summed token loss, trained tokens, correct predictions) as tensors.
+    forward(batch) returns (summed token loss, trained tokens, correct predictions) as tensors; when
+    distilling, the third is {"nll": sum, "distill": sum}, which the engine logs per trained token.
     """
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = 1024, kl_coef: float = 0.0,
@@ -365,4 +367,6 @@ class TokenLoss(torch.nn.Module):
         # The teacher shapes the training loss only: an eval pass (no gradients) scores the plain NLL.
         distill = self._distill[0] if torch.is_grad_enabled() else None
         sums = token_loss(self.model, batch, self.chunk_size, self.kl_coef, self._frozen[0], distill)
+        if sums.parts is not None:  # the engine logs each per trained token: `nll` and `distill`
+            return sums.loss, torch.tensor(sums.tokens), {"nll": sums.parts[0], "distill": sums.parts[1]}
         return sums.loss, torch.tensor(sums.tokens), torch.tensor(sums.correct)

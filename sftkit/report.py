@@ -92,7 +92,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_loss(run_dir: Path) -> Path | None:
-    """plots/loss.png: train and eval loss against step."""
+    """plots/loss.png: train and eval loss against step (and a distillation's NLL and divergence terms)."""
     records = read_metrics(run_dir)
     if not records:
         return None
@@ -108,6 +108,12 @@ def plot_loss(run_dir: Path) -> Path | None:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    # Distillation: the loss is a blend; its two terms (each per trained token, unweighted) beside it.
+    for key, label in (("nll", "train NLL"), ("distill", "distillation term")):
+        part = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if part:
+            ax.plot(*zip(*part), "--", label=label, linewidth=1)
+            train += part  # the scale below covers them too
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per trained token)")
     ax.set_yscale("log" if train and min(v for _, v in train) > 0 else "linear")

@@ -48,6 +48,9 @@ def test_training_from_the_cache_gives_the_losses_of_training_beside_the_teacher
                             **{**common, "train.distill.teacher": str(cache_dir), "train.distill.top_k": top_k}))
     a, b = losses(online.run_dir), losses(cached.run_dir)
     assert len(a) == 3 and b == pytest.approx(a, rel=1e-5), (a, b)
+    for run in (online, cached):  # both terms logged apart, per trained token; the loss is their blend
+        rows = [r for r in map(json.loads, (run.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        assert all(r["loss"] == pytest.approx(0.3 * r["nll"] + 0.7 * r["distill"], rel=1e-5) for r in rows), rows
     plain = train(make_cfg(tmp_path, tiny_model_dir, chat_rows, "plain", **{**common, "train.distill.teacher": None}))
     assert losses(plain.run_dir)[0] != pytest.approx(a[0], rel=1e-3)  # the teacher's term is there
 

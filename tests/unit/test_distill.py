@@ -42,6 +42,31 @@ def plain(student, teacher, batch, weight, temperature, kind):
     return (1 - weight) * F.cross_entropy(s_logits, targets[keep], reduction="sum") + weight * d
 
 
+def plain_terms(student, teacher, batch, temperature, kind):
+    """The NLL and the divergence apart: plain() at weight 0 and at weight 1."""
+    return (float(plain(student, teacher, batch, 0.0, temperature, kind)),
+            float(plain(student, teacher, batch, 1.0, temperature, kind)))
+
+
+@pytest.mark.parametrize("chunk_size", [4, 1024])
+def test_the_nll_and_the_distillation_term_are_reported_apart(tokenizer, chunk_size):
+    """What a distillation run logs as `nll` and `distill`: each term's sum, unweighted, from the
+    chunked path (several chunks or one); the loss is their blend."""
+    from sftkit.loss import TokenLoss
+
+    student, teacher = make_tiny_llama(tokenizer, seed=0), make_tiny_llama(tokenizer, seed=1).eval()
+    batch = batch_of(tokenizer)
+    d = Distill(teacher, weight=0.3, temperature=2.0, kind="forward_kl")
+    loss, tokens, parts = TokenLoss(student, chunk_size=chunk_size, distill=d)(**batch)
+    nll, div = plain_terms(student, teacher, batch, 2.0, "forward_kl")
+    assert float(parts["nll"]) == pytest.approx(nll, rel=1e-5)
+    assert float(parts["distill"]) == pytest.approx(div, rel=1e-5)
+    assert float(loss) == pytest.approx(0.7 * nll + 0.3 * div, rel=1e-5)
+    assert not parts["nll"].requires_grad and int(tokens) == int((batch["labels"][:, 1:] != IGNORE).sum())
+    with torch.no_grad():  # an eval pass scores the plain NLL and reports correct predictions as before
+        assert torch.is_tensor(TokenLoss(student, distill=d)(**batch)[2])
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_the_chunked_loss_equals_the_full_logits_computation(tokenizer, kind, temperature):
@@ -135,6 +160,7 @@ def test_a_model_whose_logits_are_not_its_head_takes_the_full_logits_path_with_t
         full = token_loss(student, batch, distill=d)
         assert float(full.loss) == pytest.approx(float(chunked.loss), rel=1e-5)
         assert full.tokens == chunked.tokens and full.correct == chunked.correct
+        assert torch.allclose(full.parts, chunked.parts, rtol=1e-5)  # the terms logged apart, too
 
 
 def _cache_cfg(tmp_path):

@@ -2,7 +2,8 @@
 "use strict";
 const sftkit = (() => {
   const CURVES = [
-    ["loss", "train loss"], ["eval_loss", "eval loss"], ["lr", "learning rate"],
+    ["loss", "train loss"], ["eval_loss", "eval loss"], ["nll", "train NLL (distillation)"],
+    ["distill", "distillation term"], ["lr", "learning rate"],
     ["grad_norm", "grad norm"], ["tokens_per_s", "tokens/s"], ["forgetting", "forgetting (ref. perplexity rise)"],
   ];
   const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
