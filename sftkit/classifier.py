@@ -24,11 +24,31 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import ConfigError
 from .data.sources import DataError, read_source
+from .job import log
 from .models import hub_error, resolve, select_parameters
 from .rundir import final_model
 
+POOLINGS = ("auto", "model", "mean")
 
-def load_classifier(name: str, labels: list[str], dtype: torch.dtype = torch.float32, revision: str | None = None):
+
+def sentence_pooling(path: str) -> str | None:
+    """How a sentence-transformers folder says its encoder was trained to pool (1_Pooling/config.json):
+    "mean", or None where it says nothing or pools another way (its CLS token: the model's own class)."""
+    try:
+        modes = json.loads((Path(path) / "1_Pooling" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return "mean" if modes.get("pooling_mode_mean_tokens") else None
+
+
+def load_classifier(name: str, labels: list[str], dtype: torch.dtype = torch.float32, revision: str | None = None,
+                    pooling: str = "model"):
+    """A model with a new head for `labels`. `pooling`: "model" pools as its transformers class does
+    (a decoder's last real token, BERT's pooler over [CLS]); "mean" averages the last hidden states over
+    the real tokens; "auto" is "mean" for a sentence encoder trained that way, else "model". A mean-pooled
+    classifier says so in its config.json (`sftkit_pooling`), which sftkit's predict, eval and export read."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"classify.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     path = resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
@@ -42,34 +62,58 @@ def load_classifier(name: str, labels: list[str], dtype: torch.dtype = torch.flo
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id  # decoders pool at the last token that is not padding
+    if pooling == "auto":
+        pooling = sentence_pooling(path) or "model"
+        if pooling == "mean":
+            log(f"{name}: a sentence encoder trained with mean pooling (its 1_Pooling/config.json): the head reads the "
+                "mean of the last hidden states (classify.pooling=model for its class's own pooling)")
+    if pooling == "mean":
+        split_head(model)  # a model whose head sftkit cannot feed is refused here
+        model.config.sftkit_pooling = "mean"
     return model, tok, set(info["missing_keys"])
 
 
 def split_head(model) -> tuple[torch.nn.Module, str]:
-    """The model's new head and how its features are pooled: `last` token (decoders) or `pooler` (BERT-like)."""
+    """The model's new head and how its features are pooled: `mean` (the config says so), else the
+    model class's own: `last` token (decoders) or `pooler` (BERT-like)."""
+    mean = getattr(model.config, "sftkit_pooling", None) == "mean"
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: its layers live inside
     if hasattr(model, "score"):
-        return model.score, "last"
+        return model.score, "mean" if mean else "last"
     if hasattr(model, "classifier") and getattr(model.base_model, "pooler", None) is not None:
-        return model.classifier, "pooler"
-    raise ConfigError(f"peft.method=head supports decoder (score head) and BERT-like (pooler + classifier) models, "
-                      f"not {type(model).__name__}; use freeze, lora or full")
+        return model.classifier, "mean" if mean else "pooler"
+    raise ConfigError(f"peft.method=head and classify.pooling=mean support decoder (score head) and BERT-like "
+                      f"(pooler + classifier) models, not {type(model).__name__}; use freeze, lora or full with "
+                      "classify.pooling=model")
 
 
 def features(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """What the head sees, computed by the backbone alone."""
     _, pooling = split_head(model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if pooling == "pooler":
         return out.pooler_output
+    if pooling == "mean":
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
     last = batch["attention_mask"].sum(-1) - 1  # right padding: the last real token
     return out.last_hidden_state[torch.arange(last.shape[0]), last]
 
 
 def head_logits(model, feats: torch.Tensor) -> torch.Tensor:
-    head, pooling = split_head(model)
-    if pooling == "pooler":
+    head, _ = split_head(model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(model, "classifier"):
         return head(model.dropout(feats))  # as BertForSequenceClassification does
     return head(feats)
+
+
+def classify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits: the model's own forward where it pools as trained, else its head on sftkit's features."""
+    if getattr(model.config, "sftkit_pooling", None) == "mean":
+        return head_logits(model, features(model, {"input_ids": input_ids, "attention_mask": attention_mask}))
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def select_trainable(model, method: str, new_keys: set[str], trainable: list[str], peft_cfg):
@@ -172,7 +216,7 @@ def predict(run_or_model: str, input_path: str, output_path: str, columns: dict[
         for b in range(0, len(rows), batch_size):
             chunk = rows[b : b + batch_size]
             ids = [tok(r[text_col], truncation=True, max_length=max_length)["input_ids"] for r in chunk]
-            probs = model(**collate(ids, tok.pad_token_id or 0)).logits.float().softmax(-1)
+            probs = classify(model, **collate(ids, tok.pad_token_id or 0)).float().softmax(-1)
             for r, pr in zip(chunk, probs):
                 f.write(json.dumps({**r, "predicted": names[int(pr.argmax())],
                                     "probabilities": {n: round(float(x), 6) for n, x in zip(names, pr)}}) + "\n")

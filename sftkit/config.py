@@ -110,6 +110,7 @@ class EvalConfig:
 class ClassifyConfig:
     class_weights: str | list[float] | None = None  # none | auto (inverse class frequency) | one weight per label
     metric: str = "macro_f1"  # macro_f1 | eval_loss: picks the best eval (final model) and drives early stopping
+    pooling: str = "auto"  # auto (mean for sentence encoders trained so, else model) | model (the class's own) | mean
 
 
 @dataclass
@@ -141,6 +142,11 @@ class Config:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     task: str = "sft"  # sft (generate text) | classification (text + label rows) | preference (chosen/rejected pairs: DPO...) | reward (a reward model on the same pairs)
     output_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final model
+
+    def __post_init__(self) -> None:
+        # The dotted keys a config file or an override set (not a field: never saved). A task picks its
+        # own defaults for keys the user left alone (a classifier's head trains at another rate than SFT).
+        self.given: set[str] = set()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -288,6 +294,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
             if dataclasses.is_dataclass(getattr(obj, part)):
                 raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{dataclasses.fields(getattr(obj, part))[0].name}")
             setattr(obj, part, _coerce(key, value, _hints(type(obj))[part]))
+            cfg.given.add(key)
         else:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):

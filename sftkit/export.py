@@ -357,6 +357,14 @@ def model_card(run: Path) -> str:
               'tokenizer = AutoTokenizer.from_pretrained("PATH/final/model")  # carries the chat template trained',
               "```"]
     if cfg.task not in CAUSAL_TASKS:
+        mean = _read_json(run / "final" / "model" / "config.json").get("sftkit_pooling") == "mean"
+        if mean:  # the class's own forward pools over [CLS]; this head was trained on the mean of the tokens
+            lines += ["", "Its head reads the **mean** of the last hidden states over the real tokens (the encoder was "
+                      "trained to pool so; `sftkit_pooling: mean` in config.json). `sftkit predict` does this; with "
+                      "plain transformers:", "", "```python",
+                      "h = model.base_model(**batch).last_hidden_state",
+                      'm = batch["attention_mask"].unsqueeze(-1).to(h.dtype)',
+                      "logits = model.classifier(model.dropout((h * m).sum(1) / m.sum(1)))", "```"]
         lines += ["", "A classifier (a reward model: one output, the score); it has no GGUF export.", ""]
         return "\n".join(lines)
     if lora:

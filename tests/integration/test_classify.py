@@ -201,3 +201,54 @@ def test_unknown_classifier_model_is_one_line(tmp_path, capsys):
     assert main(["train", str(c)]) == 2
     err = capsys.readouterr().err
     assert "could not load model 'no-such-org/no-such-model'" in err and "Traceback" not in err
+
+
+TOPICS = {"sports": "The {} won the cup after a late goal", "politics": "The senate passed the {} bill on Monday",
+          "tech": "The new {} ships with a faster chip"}
+WORDS = ["Lions", "Rovers", "tax", "phone", "United", "housing", "laptop", "Tigers", "energy", "watch", "Sharks", "health"]
+
+
+def test_a_head_on_a_sentence_encoder_converges_with_nothing_set(tmp_path, capsys):
+    """The issue's case: peft.method=head on MiniLM with no lr or epochs set. The SFT defaults (lr 2e-4,
+    one epoch) leave the head near the majority; the method's own defaults train it to convergence, on
+    mean-pooled features as the encoder was trained, and the log says what was chosen."""
+    rows = [{"text": t.format(w), "label": lab} for w in WORDS for lab, t in TOPICS.items()]
+    rows += [{"text": t.format(w).lower(), "label": lab} for w in WORDS for lab, t in TOPICS.items()]
+    base = {"task": "classification", "model.name": "minilm-l6", "data.train": str(write_jsonl(tmp_path / "t.jsonl", rows)),
+            "data.eval_fraction": 0.3, "data.max_length": 32, "peft.method": "head"}
+    tuned = train(load_config(None, {**base, "output_dir": str(tmp_path / "defaults")}))
+    err = capsys.readouterr().err
+    assert "peft.method=head: train.lr=0.01, train.epochs=20" in err and "mean pooling" in err
+    assert tuned.metrics["accuracy"] == 1.0
+    sft_defaults = train(load_config(None, {**base, "train.lr": 2e-4, "train.epochs": 1, "output_dir": str(tmp_path / "old")}))
+    assert sft_defaults.metrics["accuracy"] < 0.8  # what a user got before
+    saved = json.loads((tuned.run_dir / "final" / "model" / "config.json").read_text())
+    assert saved["sftkit_pooling"] == "mean"
+    assert load_config(tuned.run_dir / "config.yaml").train.lr == 0.01  # the run's config holds what ran
+
+
+def test_mean_pooling_reads_real_tokens_only_and_predict_pools_the_same(tmp_path, tiny_bert_dir):
+    """classify.pooling=mean: a row's features do not depend on the padding beside it, and the saved
+    model's predictions through `sftkit predict` are the held-out predictions training scored."""
+    from sftkit.classifier import collate, features, load_classifier
+
+    model, tok, _ = load_classifier(str(tiny_bert_dir), ["neg", "pos"], pooling="mean")
+    model.eval()
+    short, long = tok("great")["input_ids"], tok("an awful, awful item number nine")["input_ids"]
+    with torch.no_grad():
+        alone = features(model, collate([short], tok.pad_token_id))
+        padded = features(model, collate([short, long], tok.pad_token_id))
+        h = model.base_model(input_ids=torch.tensor([short])).last_hidden_state
+    torch.testing.assert_close(padded[0], alone[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone[0], h[0].mean(0), rtol=1e-5, atol=1e-6)
+    res = train(cfg(tmp_path, tiny_bert_dir, "mean", **{"peft.method": "lora", "classify.pooling": "mean"}))
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(res.run_dir), "--input", str(write_jsonl(tmp_path / "e.jsonl", ROWS[:9])),
+                 "--output", str(out)]) == 0
+    got = [list(json.loads(x)["probabilities"].values()) for x in out.read_text().splitlines()]
+    trained = res.model.get_base_model() if hasattr(res.model, "get_base_model") else res.model
+    trained.eval()
+    with torch.no_grad():  # written out: the mean of the real tokens' last hidden states, then the head
+        for row, g in zip(ROWS[:9], got):
+            h = trained.base_model(input_ids=torch.tensor([tok(row["text"])["input_ids"]])).last_hidden_state[0].mean(0)
+            assert g == pytest.approx(trained.classifier(h).softmax(-1).tolist(), abs=1e-5)

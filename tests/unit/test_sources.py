@@ -209,3 +209,18 @@ def test_preference_pairs_and_labelled_texts_read_a_folder_too(tmp_path):
         read_labelled(str(t), {})
     rows, skipped = read_labelled(str(t), {}, on_error="skip")
     assert [r.label for r in rows] == ["pos", "neg"] and skipped["missing field"] == 1
+
+
+def test_a_classifiers_method_defaults_fill_only_what_the_user_left_unset(capsys):
+    from sftkit.tasks.classification import apply_method_defaults
+
+    cfg = load_config(None, {"task": "classification", "peft.method": "head"})
+    apply_method_defaults(cfg)
+    assert (cfg.train.lr, cfg.train.epochs) == (1e-2, 20.0)
+    assert "peft.method=head: train.lr=0.01, train.epochs=20" in capsys.readouterr().err
+    cfg = load_config(None, {"task": "classification", "peft.method": "full", "train.lr": 1e-3, "train.max_steps": 5})
+    apply_method_defaults(cfg)
+    assert (cfg.train.lr, cfg.train.epochs) == (1e-3, 1.0)  # both the user's: lr given, epochs moot under max_steps
+    cfg = load_config(None, {"task": "classification", "peft.method": "lora", "train.epochs": 2})
+    apply_method_defaults(cfg)
+    assert (cfg.train.lr, cfg.train.epochs) == (5e-4, 2.0)
