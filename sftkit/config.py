@@ -114,6 +114,24 @@ class ClassifyConfig:
 
 
 @dataclass
+class RLConfig:
+    loss: str = "grpo"  # grpo | dr_grpo | dapo | rloo (docs/rl.md: the normalisation of each, as TRL's loss_type)
+    rewards: list[Any] = field(default_factory=list)  # [{function: number_match | module:name, weight: 1.0}, {model: REWARD_RUN}]
+    num_generations: int = 8  # completions per prompt (the group whose rewards are compared)
+    temperature: float = 1.0  # sampling temperature (the trained log-probs are of logits / temperature, as sampled)
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 256  # longest completion
+    epsilon: float = 0.2  # clip range below 1 (and above, unless epsilon_high)
+    epsilon_high: float | None = None  # clip range above 1 (DAPO's clip-higher); unset = epsilon
+    num_iterations: int = 1  # optimizer steps on each generation batch (> 1: the old policy's log-probs kept)
+    beta: float = 0.0  # KL to the reference (k3); 0 as DAPO, Dr GRPO and TRL since 0.19: no reference pass needed
+    scale_rewards: str = "group"  # group | batch | none: divide advantages by the group's (or batch's) reward std
+    mask_truncated: bool = False  # completions that hit max_new_tokens without ending get no loss
+    reference: str | None = None  # beta > 0: the reference model; unset = the starting model (LoRA: adapter off)
+    pass_at: float = 1.0  # held out: a greedy reply passes when its weighted reward is at least this
+
+
+@dataclass
 class PreferenceConfig:
     loss: str = "dpo"  # dpo (sigmoid) | ipo | simpo | orpo (simpo and orpo need no reference model)
     beta: float = 0.1  # strength of the preference (dpo, ipo, simpo); orpo: weight of the odds-ratio term
@@ -140,7 +158,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    task: str = "sft"  # sft (generate text) | classification (text + label rows) | preference (chosen/rejected pairs: DPO...) | reward (a reward model on the same pairs)
+    rl: RLConfig = field(default_factory=RLConfig)
+    task: str = "sft"  # sft (generate text) | classification (text + label rows) | preference (chosen/rejected pairs: DPO...) | reward (a reward model on the same pairs) | rl (generate, score, update: GRPO, RLOO)
     output_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final model
 
     def __post_init__(self) -> None:
@@ -169,7 +188,7 @@ def _dataclass_type(f: dataclasses.Field) -> type | None:
     return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
 
 
-_SECTIONS = {"model", "data", "peft", "train", "eval", "log", "classify", "preference"}
+_SECTIONS = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type) or f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
 _SUBSECTIONS = {"train.distill"}  # sections inside a section, written nested in YAML
 # Keys that may change between a checkpoint and --resume: they do not alter the steps already taken.
 RESUME_SAFE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",

@@ -295,6 +295,8 @@ class Engine:
                   self.job.units_name: step_units}
         if step_units > 0:  # per unit of the step
             record.update({key: v / step_units for key, v in zip(extras, summed[2:])})
+        if self.job.step_figures is not None:
+            record.update(self.job.step_figures(step))
         self.apply_update(record)
         return record, tokens
 

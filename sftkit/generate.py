@@ -81,7 +81,18 @@ def prefix_cache(model, ids: list[int], device):
 def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
              batch_size: int = 16, progress=None, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, reuse_prefix: bool = True) -> list[str]:
-    """Replies to conversations that end with a user turn; each stops at its end-of-turn token.
+    """Replies to conversations that end with a user turn, as text; each stops at its end-of-turn token."""
+    ids = generate_ids(model, renderer, prompts, max_new_tokens, batch_size, progress, temperature, top_p, seed,
+                       reuse_prefix)
+    return [renderer.tok.decode(x, skip_special_tokens=True) for x in ids]
+
+
+@torch.no_grad()
+def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
+                 batch_size: int = 16, progress=None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, reuse_prefix: bool = True) -> list[list[int]]:
+    """The replies' token ids, each up to and including its first end-of-turn token (or max_new_tokens
+    long where it did not end): exactly the tokens sampled, for a loss on them (task: rl).
 
     The prefix all prompts share (system message, few-shot examples) is run once and its KV cache
     reused by every batch: rows are laid out as [prefix][left padding][own tokens], positions
@@ -100,7 +111,8 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
     own = [e[n_shared:] for e in encoded]
     # Longest first keeps batches of similar length, so little compute goes to padding.
     order = sorted(range(len(own)), key=lambda i: -len(own[i]))
-    replies: dict[int, str] = {}
+    replies: dict[int, list[int]] = {}
+    ends = renderer.end_ids
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         width = n_shared + max(len(own[i]) for i in idx)
@@ -120,7 +132,9 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
                              eos_token_id=sorted(renderer.end_ids), pad_token_id=pad, **extra,
                              **_sampling(temperature, top_p))
         for row, i in enumerate(idx):
-            replies[i] = tok.decode(gen[row, width:], skip_special_tokens=True)
+            out = gen[row, width:].tolist()
+            stop = next((k for k, t in enumerate(out) if t in ends), None)
+            replies[i] = out[: stop + 1] if stop is not None else out
         if progress is not None:
             progress(len(idx))
     model.train(was_training)

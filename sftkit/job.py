@@ -120,6 +120,9 @@ class Job:
     state: dict = field(default_factory=dict)  # the task's own figures, saved in checkpoints
     units_name: str = "trained_tokens"  # the units' name in metrics.jsonl
     progress: tuple[str, ...] = ("eval_loss",)  # metrics shown on the progress line when an eval gives them
+    # Figures of step `step` known before its passes, the same on every process (an RL step's rewards and
+    # completion lengths, measured when it generated): added to the step's record as they are.
+    step_figures: Callable[[int], dict] | None = None
 
 
 def position_limit(model) -> int | None:

@@ -346,6 +346,43 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     return LossSums(total, n, correct)
 
 
+def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each trained token, the row or packed sequence it belongs to), in label order,
+    from the hidden states at those positions only: the LM head runs on trained positions, in chunks,
+    and never keeps the tokens x vocab logits. `temperature`: of logits / temperature (as sampled).
+    A packed row names each token's sequence in `sequence_ids`."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    if "sequence_ids" in batch:  # one packed row of several sequences
+        rows = batch["sequence_ids"][:, 1:][keep]
+    else:
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    inputs["use_cache"] = False
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    plain = head_is_logits(base, batch["input_ids"]) and (temperature == 1.0 or getattr(head, "bias", None) is None)
+    if plain:
+        hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
+        if temperature != 1.0:  # a head without bias: head(h) / T == head(h / T)
+            hidden = hidden / temperature
+        t = targets[keep]
+        if torch.is_grad_enabled() and hidden.requires_grad and frozen_plain_head(head):
+            # LoRA and friends: the head's gradient taken in its forward pass, no logits kept
+            parts = [FrozenHeadLogp.apply(hidden[i : i + chunk], head.weight, t[i : i + chunk])
+                     for i in range(0, len(hidden), chunk)]
+        elif not torch.is_grad_enabled():  # a reference, the old policy, evaluation: no logits kept at all
+            parts = [target_logps(head(hidden[i : i + chunk]).float(), t[i : i + chunk]) for i in range(0, len(hidden), chunk)]
+        else:
+            parts = [torch.log_softmax(head(hidden[i : i + chunk]).float(), -1).gather(-1, t[i : i + chunk, None])[:, 0]
+                     for i in range(0, len(hidden), chunk)]
+        return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
+    # A model that transforms its logits: its own logits, at the trained positions
+    logits = model(**inputs).logits[:, :-1][keep].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0], rows
+
+
 class TokenLoss(torch.nn.Module):
     """The model plus its loss as one module, so DDP (which hooks `forward`) sees the whole step.
 

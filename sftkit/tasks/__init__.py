@@ -14,6 +14,6 @@ To add a task: write tasks/NAME.py with `prepare`, and add it to TASKS below.
 
 from __future__ import annotations
 
-from . import classification, preference, reward, sft
+from . import classification, preference, reward, rl, sft
 
-TASKS = {"sft": sft, "classification": classification, "preference": preference, "reward": reward}
+TASKS = {"sft": sft, "classification": classification, "preference": preference, "reward": reward, "rl": rl}

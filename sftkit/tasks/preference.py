@@ -33,7 +33,7 @@ from ..data.sources import ReadStats, Row
 from ..distill import tokenizer_difference
 from ..export import write_card
 from ..job import Job, Run, RunResult, cap_max_length, log
-from ..loss import MODEL_INPUTS, FrozenHeadLogp, frozen_plain_head, head_is_logits, target_logps, unwrap
+from ..loss import token_logps
 from ..models import (
     apply_method,
     count_parameters,
@@ -124,36 +124,10 @@ def _on(batch: dict, device, drop: tuple[str, ...] = ()) -> dict:
 def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's trained tokens, their count), from the hidden states at those
     positions only: the LM head runs on trained positions, in chunks."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    if "sequence_ids" in batch:  # one packed row (collate_pairs with share_prompt)
-        rows = batch["sequence_ids"][:, 1:][keep]
-    else:
-        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-    inputs["use_cache"] = False
-    base = unwrap(model)
-    if head_is_logits(base, batch["input_ids"]):
-        hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][keep]
-        head = base.get_output_embeddings()
-        t = targets[keep]
-        if torch.is_grad_enabled() and hidden.requires_grad and frozen_plain_head(head):
-            # LoRA and friends: the head's gradient taken in its forward pass, no logits kept
-            parts = [FrozenHeadLogp.apply(hidden[i : i + chunk], head.weight, t[i : i + chunk])
-                     for i in range(0, len(hidden), chunk)]
-        elif not torch.is_grad_enabled():  # the reference, evaluation: no logits kept at all
-            parts = [target_logps(head(hidden[i : i + chunk]).float(), t[i : i + chunk]) for i in range(0, len(hidden), chunk)]
-        else:
-            parts = [torch.log_softmax(head(hidden[i : i + chunk]).float(), -1).gather(-1, t[i : i + chunk, None])[:, 0]
-                     for i in range(0, len(hidden), chunk)]
-        token_logps = torch.cat(parts) if parts else hidden.new_zeros(0)
-    else:  # a model that transforms its logits: its own logits, at the trained positions
-        logits = model(**inputs).logits[:, :-1][keep].float()
-        token_logps = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
-    n = int(batch.get("n_sequences", labels.shape[0]))
-    sums = torch.zeros(n, device=labels.device, dtype=torch.float32).index_add(0, rows, token_logps)
-    counts = torch.zeros(n, device=labels.device, dtype=torch.float32).index_add(0, rows, torch.ones_like(token_logps))
+    logps, rows = token_logps(model, batch, chunk)
+    n = int(batch.get("n_sequences", batch["labels"].shape[0]))
+    sums = torch.zeros(n, device=logps.device, dtype=torch.float32).index_add(0, rows, logps)
+    counts = torch.zeros(n, device=logps.device, dtype=torch.float32).index_add(0, rows, torch.ones_like(logps))
     return sums, counts
 
 
@@ -293,7 +267,7 @@ def prepare(cfg: Config, run: Run) -> Job:
     # Passes of a few pairs (both sides of a pair always in the same pass): the loss is normalised by the
     # pairs of the whole step, so this changes nothing but the activation memory (as max_forward_tokens in SFT).
     batcher = Batcher(train_ex, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, tok.pad_token_id,
-                      rank=run.rank, world=run.world, max_forward_tokens=forward_tokens(cfg) // 2,
+                      group_by_length=cfg.train.group_by_length, rank=run.rank, world=run.world, max_forward_tokens=forward_tokens(cfg) // 2,
                       collate=lambda bins: collate_pairs(bins, tok.pad_token_id, share))
     loss = PreferenceLoss(model, cfg, frozen)
     return Job(model=model, loss=loss, batcher=batcher,

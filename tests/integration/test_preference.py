@@ -177,6 +177,44 @@ def test_first_step_equals_trl_dpo_trainer(tmp_path, tokenizer, loss_type, ours)
     assert abs(mine["loss"] - 0.6931) > 1e-3  # not the trivial value of a reference equal to the policy
 
 
+@pytest.mark.parametrize("schedule,warmup", [("linear", 0), ("cosine", 2)])
+def test_a_whole_short_run_follows_trl_dpo_trainer_step_for_step(tmp_path, tokenizer, schedule, warmup):
+    """Five optimizer steps at a learning rate that moves the model (full fine-tuning, each step the
+    whole set, so the order of rows cannot differ): loss, learning rate, gradient norm and margin at
+    every step equal TRL's DPOTrainer's, for its linear schedule and for cosine with warmup. What a
+    whole run adds to the first step (the optimizer, clipping, the schedule, the shared-prompt path
+    after updates, the reference staying fixed) is then the same as TRL's."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    policy = tmp_path / "policy"
+    make_tiny_llama(tokenizer, seed=0).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    rows = [{"prompt": f"Question {i}:\n", "chosen": f"answer {i} is right", "rejected": f"wrong {i}"} for i in range(8)]
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, max_steps=5, learning_rate=1e-2,
+                         beta=0.1, bf16=False, report_to=[], logging_steps=1, use_cpu=True, max_length=None,
+                         save_strategy="no", lr_scheduler_type=schedule, warmup_steps=warmup)
+    t = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(policy), args=args, train_dataset=Dataset.from_list(rows),
+                       ref_model=AutoModelForCausalLM.from_pretrained(policy), processing_class=tokenizer)
+    t.train()
+    theirs = [h for h in t.state.log_history if "loss" in h]
+    cfg = load_config(None, {"task": "preference", "model.name": str(policy), "data.template": "plain",
+                             "data.train": str(write_jsonl(tmp_path / "p.jsonl", rows)), "peft.method": "full",
+                             "preference.beta": 0.1, "train.lr": 1e-2, "train.max_steps": 5, "train.batch_size": 8,
+                             "train.schedule": schedule, "train.warmup_steps": warmup, "eval.reference": None,
+                             "output_dir": str(tmp_path / "run")})
+    train(cfg)
+    mine = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(mine) == len(theirs) == 5
+    for a, b in zip(mine, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+        assert a["lr"] == pytest.approx(b["learning_rate"], rel=1e-6), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)
+        assert a["rewards/margin"] == pytest.approx(b["rewards/margins"], abs=1e-5), (a, b)
+    assert mine[-1]["loss"] < mine[0]["loss"] - 0.1  # the steps moved the model
+
+
 @pytest.mark.parametrize("extra", [{}, {"preference.precompute_reference": True}])
 def test_dpo_resume_is_bitwise(tmp_path, tiny_model_dir, extra):
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)

@@ -222,6 +222,27 @@ CASES = [
          r"--resume", argv=["train", "{tmp}/run"], prepare="finished_run"),
     Case("train-folder", "train given a folder that is not a run", r"<tmp>/empty is a folder, not a config file",
          argv=["train", "{tmp}/empty"], prepare="empty_dir"),
+    Case("train-folder-bad-row", "data.train is a folder of JSONL files, one with a bad row",
+         r"<tmp>/data/b\.jsonl:2: prompt: expected a string or a list of messages, got int",
+         over={"data.train": "{tmp}/data"}, prepare="data_folder"),
+    Case("train-folder-no-data", "data.train is a folder with no data files", r"<tmp>/empty: a folder without data "
+         r"files .* \(it is empty\)", over={"data.train": "{tmp}/empty"}, prepare="empty_dir"),
+    Case("model-path-typo", "model.name is a mistyped local path", r"model '<tmp>/tiny-modle': no such directory "
+         r"\(<tmp> has no 'tiny-modle'; did you mean '<tmp>/tiny-model'\?\)", over={"model.name": "{tmp}/tiny-modle"},
+         prepare="tiny_model_copy"),
+    Case("model-alias-typo", "model.name: smollm2-135 (a near-miss alias)", r"model 'smollm2-135' is not an alias nor a "
+         r"local directory; did you mean 'smollm2-135m'\?", over={"model.name": "smollm2-135"}),
+    Case("key-peer-name", "learning_rate (another tool's name, no section)", r"unknown config key 'learning_rate'; did "
+         r"you mean 'train.lr'\? \(", over={"learning_rate": 1e-4}),
+    Case("eval-metric-typo", "eval --metrics with a misspelt name (before any model loads)",
+         r"metric 'exact_mtch' is not one of .*; did you mean 'exact_match'\?",
+         argv=["eval", "{tmp}/tiny-model", "--data", "{train}", "--metrics", "exact_mtch"], prepare="tiny_model_copy"),
+    Case("eval-data-typo", "eval --data naming a file that does not exist", r"--data <tmp>/train\.jsnl: no such file "
+         r"\(<tmp> has no 'train\.jsnl'; did you mean '<tmp>/train\.jsonl'\?\)",
+         argv=["eval", "{tmp}/tiny-model", "--data", "{tmp}/train.jsnl"], prepare="tiny_model_copy"),
+    Case("classify-pooling-bad", "classify.pooling: cls", r"classify.pooling: 'cls' is not one of auto, model, mean",
+         over={"task": "classification", "classify.pooling": "cls"},
+         train=[{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(4)]),
     Case("task-unknown", "task: regression", r"task: 'regression' is not sft or classification", over={"task": "regression"}),
 ]
 
@@ -233,6 +254,18 @@ TINY: list[Path] = []  # the tiny model's folder, for set-ups that derive anothe
 def precious_dir(tmp, cfg):
     (tmp / "precious").mkdir()
     (tmp / "precious" / "notes.txt").write_text("keep me")
+
+
+def data_folder(tmp, cfg):
+    (tmp / "data").mkdir()
+    write_jsonl(tmp / "data" / "a.jsonl", GOOD[:2])
+    write_jsonl(tmp / "data" / "b.jsonl", [GOOD[2], {"prompt": 5, "completion": "x"}])
+
+
+def tiny_model_copy(tmp, cfg):
+    import shutil
+
+    shutil.copytree(TINY[0], tmp / "tiny-model")
 
 
 def txt_file(tmp, cfg):

@@ -1,0 +1,176 @@
+"""task: rl end to end on a tiny model: the loss and gradients of whole steps equal TRL's GRPOTrainer's
+on the same completions (fed in, not sampled), for each loss; resume after a kill is bitwise; bad
+reward functions stop the run naming the function and the row."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+
+from sftkit.config import load_config
+from sftkit.trainer import train
+
+from ..conftest import make_tiny_llama, write_jsonl
+
+pytestmark = pytest.mark.slow  # end to end on a real tiny model: `pytest -m 'not slow'` leaves it out
+
+PROMPTS = [{"prompt": "Say a number:", "answer": "7"}, {"prompt": "Name a colour:", "answer": "red"}]
+# Four completions of each prompt (group-major), tokens chosen so the rewards differ within a group.
+TEXTS = {"Say a number:": [" 7", " seven or so", " 12", " 7 7 7 7"],
+         "Name a colour:": [" red", " a deep blue", " green", " red and more red"]}
+
+
+def length_reward(prompts, completions, **kw):
+    """A reward of TRL's signature: longer replies score less; answers get a bonus."""
+    return [1.0 / (1 + len(c)) + (1.0 if a in c else 0.0) for c, a in zip(completions, kw["answer"])]
+
+
+def fixed_completions(tokenizer):
+    eos = tokenizer.eos_token_id
+    return {p: [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in ts] for p, ts in TEXTS.items()}
+
+
+def _feeder(table):
+    """Hands out the k-th completion of a prompt to its k-th occurrence in a generation batch."""
+    seen = defaultdict(int)
+
+    def take(key):
+        k = seen[key] % 4
+        seen[key] += 1
+        return table[key][k]
+    return take
+
+
+@pytest.fixture
+def policy_dir(tokenizer, tmp_path):
+    d = tmp_path / "policy"
+    make_tiny_llama(tokenizer, seed=0).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+TRL_EXTRA = {}
+
+
+def trl_run(tmp_path, tokenizer, policy_dir, loss_type, beta, num_iterations, steps):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    table = fixed_completions(tokenizer)
+    take = _feeder(table)
+
+    def rollout(prompts, trainer):
+        ids = [take(p) for p in prompts]
+        return {"prompt_ids": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                "completion_ids": ids, "logprobs": None}
+
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, num_generations=4,
+                          max_steps=steps, learning_rate=1e-2, beta=beta, loss_type=loss_type, num_iterations=num_iterations,
+                          max_completion_length=8, bf16=False, use_cpu=True, report_to=[], logging_steps=1,
+                          save_strategy="no", temperature=1.0, lr_scheduler_type="linear", seed=0, **TRL_EXTRA)
+    t = trl.GRPOTrainer(model=str(policy_dir), reward_funcs=[length_reward], args=args,
+                        train_dataset=Dataset.from_list(PROMPTS), processing_class=tokenizer, rollout_func=rollout)
+    t.train()
+    return [h for h in t.state.log_history if "loss" in h]
+
+
+def sftkit_run(tmp_path, tokenizer, policy_dir, monkeypatch, loss, beta, num_iterations, steps, **over):
+    from sftkit.tasks import rl
+
+    table = fixed_completions(tokenizer)
+    take = _feeder(table)
+    monkeypatch.setattr(rl, "generate_ids", lambda model, renderer, prompts, *a, **k: [take(p[-1]["content"]) for p in prompts])
+    data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    cfg = load_config(None, {"task": "rl", "model.name": str(policy_dir), "data.train": str(data), "data.template": "plain",
+                             "data.eval_fraction": 0, "peft.method": "full", "rl.loss": loss, "rl.beta": beta,
+                             "rl.num_iterations": num_iterations, "rl.num_generations": 4, "rl.max_new_tokens": 8,
+                             "rl.rewards": [{"function": "tests.integration.test_rl:length_reward"}],
+                             "train.lr": 1e-2, "train.batch_size": 2, "train.max_steps": steps, "train.schedule": "linear",
+                             "eval.reference": None, "output_dir": str(tmp_path / f"run-{loss}"), **over})
+    train(cfg)
+    return [json.loads(x) for x in open(tmp_path / f"run-{loss}" / "metrics.jsonl") if '"loss"' in x]
+
+
+@pytest.mark.parametrize("loss,beta,iterations", [("grpo", 0.0, 1), ("grpo", 0.1, 2), ("dr_grpo", 0.1, 2),
+                                                  ("dapo", 0.0, 2), ("dapo", 0.1, 1)])
+def test_steps_equal_trl_grpo_trainer_on_the_same_completions(tmp_path, tokenizer, policy_dir, monkeypatch,
+                                                               loss, beta, iterations):
+    """Two optimizer steps: with num_iterations 2 the second reuses the first's completions after an
+    update, so the ratio is not 1 and the KL to the (starting) reference is not 0."""
+    theirs = trl_run(tmp_path, tokenizer, policy_dir, loss, beta, iterations, steps=2)
+    mine = sftkit_run(tmp_path, tokenizer, policy_dir, monkeypatch, loss, beta, iterations, steps=2)
+    assert len(mine) == len(theirs) == 2
+    for a, b in zip(mine, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-6), (a, b)
+        if "reward" in b:  # TRL logs rewards on the steps that generated
+            assert a["reward"] == pytest.approx(b["reward"], abs=1e-5), (a, b)
+            assert a["reward_std"] == pytest.approx(b["reward_std"], abs=1e-5), (a, b)
+        if beta and loss == "dapo":  # aggregated per token, as TRL logs it
+            assert a["kl"] == pytest.approx(b["kl"], abs=1e-5), (a, b)
+    if iterations == 2:  # the second step saw a moved policy: the ratio is not 1 there
+        assert mine[1]["loss"] != pytest.approx(mine[0]["loss"], abs=1e-6)
+    assert mine[0]["grad_norm"] > 1e-3  # the loss is ~0 at ratio 1 (advantages sum to 0), its gradient is not
+
+
+def test_a_reward_function_that_fails_stops_the_run_naming_it_and_the_row(tmp_path, tokenizer, policy_dir, monkeypatch,
+                                                                          capsys):
+    from sftkit.cli import main
+    from sftkit.tasks import rl
+
+    table = fixed_completions(tokenizer)
+    take = _feeder(table)
+    monkeypatch.setattr(rl, "generate_ids", lambda model, renderer, prompts, *a, **k: [take(p[-1]["content"]) for p in prompts])
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say a number:"}, {"prompt": "Name a colour:"}])
+    (tmp_path / "c.yaml").write_text(json.dumps({"task": "rl", "model": {"name": str(policy_dir)},
+                                                 "data": {"train": str(data), "template": "plain", "eval_fraction": 0},
+                                                 "peft": {"method": "full"}, "rl": {"num_generations": 4, "max_new_tokens": 8,
+                                                 "rewards": [{"function": "exact_match"}]},
+                                                 "train": {"batch_size": 2, "max_steps": 1}, "eval": {"reference": None},
+                                                 "output_dir": str(tmp_path / "run")}))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "reward exact_match: the prompt rows have no column 'answer'" in capsys.readouterr().err
+
+
+RESUME_SCRIPT = r"""
+import json, sys
+from sftkit.config import load_config
+from sftkit.trainer import train
+cfg = load_config(None, json.loads(sys.argv[1]))
+train(cfg, resume=len(sys.argv) > 2)
+"""
+
+
+def test_an_rl_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, tokenizer, policy_dir):
+    """Sampled for real (the tiny model's own generation), kill -9 after the step-2 checkpoint, resume:
+    the same losses and rewards, step for step, as the run that was not interrupted."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Count to {i}:", "answer": str(i)} for i in range(6)])
+    base = {"task": "rl", "model.name": str(policy_dir), "data.train": str(data), "data.eval_fraction": 0, "peft.r": 4,
+            "rl.num_generations": 3, "rl.max_new_tokens": 6, "rl.num_iterations": 2, "rl.beta": 0.05,
+            "rl.rewards": [{"function": "length", "target": 3, "unit": "tokens"}, {"function": "number_match"}],
+            "train.lr": 5e-3, "train.batch_size": 2, "train.max_steps": 5, "train.save_every": 1, "eval.reference": None}
+    whole = {**base, "output_dir": str(tmp_path / "whole")}
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(whole)], check=True, capture_output=True, timeout=600)
+    cut = {**base, "output_dir": str(tmp_path / "cut")}
+    p = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(cut)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((tmp_path / "cut" / "checkpoints").glob("step-0000003*")):
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(cut), "resume"], check=True, capture_output=True,
+                   timeout=600)
+
+    def curve(d):
+        return [(r["step"], r["loss"], r["reward"]) for r in map(json.loads, open(d / "metrics.jsonl")) if "loss" in r]
+
+    assert curve(tmp_path / "cut") == curve(tmp_path / "whole")
+    assert len(curve(tmp_path / "whole")) == 5
