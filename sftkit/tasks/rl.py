@@ -44,6 +44,7 @@ from ..loss import token_logps
 from ..models import apply_method, count_parameters, load_model
 from ..rewards import Reward, call, parse_rewards
 from .preference import enable_checkpointing, load_reference
+from .reward import Scorer
 from .sft import save_final
 
 LOSSES = ("grpo", "dr_grpo", "dapo", "rloo")
@@ -254,6 +255,7 @@ class Rollouts:
         self.rows, self.rewards, self.scorers, self.run, self.share, self.state = rows, rewards, scorers, run, share, state
         self.per_process = cfg.train.batch_size * cfg.train.grad_accum
         self.current: Rollout | None = None
+        self.last_step = 0
         self.prompt_ids = [renderer.prompt_ids(r.messages) for r in rows]
         self._orders: dict[int, list[int]] = {}
 
@@ -408,6 +410,7 @@ class Rollouts:
         return out
 
     def micro_batches(self, step: int) -> list[dict]:
+        self.last_step = step + 1  # the step an eval after this one reports (samples.jsonl)
         r = self.rollout_for(step)
         masked = [self.rl.mask_truncated and not e for e in r.ended]
         batches = []
@@ -487,7 +490,7 @@ class Evaluation:
         if self.run_dir is not None and ro.run.main:
             tok = ro.renderer.tok
             with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-                step = (state or {}).get("step")
+                step = (state or {}).get("step", ro.last_step)
                 for r, c, s, pf in zip(self.rows, completions, scores.tolist(), per_func.tolist()):
                     f.write(json.dumps({"label": label, "step": step, "prompt": r.prompt,
                                         "completion": tok.decode(c, skip_special_tokens=True), "reward": s,
@@ -547,8 +550,6 @@ def prepare(cfg: Config, run: Run) -> Job:
     scorers = {}
     for r in rewards:
         if r.model is not None and r.model not in scorers:
-            from .reward import Scorer
-
             scorers[r.model] = Scorer(r.model, device=str(run.device))
     share = completion_sharing(cfg, [m for m in (model, reference) if m is not None], renderer, train_rows)
     torch.manual_seed(cfg.train.seed)

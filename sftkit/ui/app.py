@@ -281,6 +281,13 @@ class Dashboard:
         images = [p for p in ("compare.png", "confusion.png", "plots/loss.png") if (run / p).is_file() and f"]({p})" not in text]
         for img in images:
             parts.append(f"<h2>{e(img)}</h2><img class=plot alt=\"{e(img)}\" src=\"/files/{e(quote(name))}/{e(quote(img))}\">")
+        samples = R.last_samples(run)
+        if samples:  # task: rl: the last eval's held-out prompts, greedy replies and rewards, as text
+            label, step, rows = samples
+            parts.append(f"<h2>Samples ({e(label)}, step {e(str(step))})</h2><table id=samples><tr><th>prompt</th>"
+                         "<th>reply</th><th>reward</th></tr>" + "".join(
+                             f"<tr><td>{e(p)}</td><td><pre>{e(c)}</pre></td><td>{fmt(r)}</td></tr>" for p, c, r in rows)
+                         + "</table>")
         ckpts = R.checkpoints(run)
         if ckpts:
             parts.append("<h2>Checkpoints</h2><table><tr><th>checkpoint</th><th>step</th><th>best eval so far</th></tr>"

@@ -169,3 +169,31 @@ def config_diff(configs: dict[str, dict]) -> list[tuple[str, list]]:
         if any(v != values[0] for v in values[1:]):
             rows.append((k, values))
     return rows
+
+
+def last_samples(run: Path, limit: int = 20) -> tuple[str, object, list[tuple[str, str, object]]] | None:
+    """task: rl's samples.jsonl: the last eval's (label, step, [(prompt, reply, reward)]), or None.
+    A line that does not parse is skipped; prompts given as messages are shown as their last turn."""
+    path = run / "samples.jsonl"
+    if not path.is_file():
+        return None
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[-2000:]:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict):
+            records.append(r)
+    if not records:
+        return None
+    last = (records[-1].get("label"), records[-1].get("step"))
+    rows = []
+    for r in records:
+        if (r.get("label"), r.get("step")) != last:
+            continue
+        p = r.get("prompt")
+        if isinstance(p, list) and p and isinstance(p[-1], dict):
+            p = p[-1].get("content")
+        rows.append((str(p), str(r.get("completion", "")), r.get("reward")))
+    return str(last[0]), last[1], rows[:limit]

@@ -137,6 +137,16 @@ def test_a_reward_function_that_fails_stops_the_run_naming_it_and_the_row(tmp_pa
     assert "reward exact_match: the prompt rows have no column 'answer'" in capsys.readouterr().err
 
 
+def slow_number_match(prompts, completions, **columns):
+    """number_match that takes its time, so a kill lands inside a run of the tiny model."""
+    import time
+
+    from sftkit.rewards import number_match
+
+    time.sleep(0.4)
+    return number_match(prompts, completions, **columns)
+
+
 RESUME_SCRIPT = r"""
 import json, sys
 from sftkit.config import load_config
@@ -152,7 +162,8 @@ def test_an_rl_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, tokenizer
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Count to {i}:", "answer": str(i)} for i in range(6)])
     base = {"task": "rl", "model.name": str(policy_dir), "data.train": str(data), "data.eval_fraction": 0, "peft.r": 4,
             "rl.num_generations": 3, "rl.max_new_tokens": 6, "rl.num_iterations": 2, "rl.beta": 0.05,
-            "rl.rewards": [{"function": "length", "target": 3, "unit": "tokens"}, {"function": "number_match"}],
+            "rl.rewards": [{"function": "length", "target": 3, "unit": "tokens"},
+                           {"function": "tests.integration.test_rl:slow_number_match"}],
             "train.lr": 5e-3, "train.batch_size": 2, "train.max_steps": 5, "train.save_every": 1, "eval.reference": None}
     whole = {**base, "output_dir": str(tmp_path / "whole")}
     subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(whole)], check=True, capture_output=True, timeout=600)
@@ -166,6 +177,7 @@ def test_an_rl_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, tokenizer
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) < 5  # killed before the end
     subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(cut), "resume"], check=True, capture_output=True,
                    timeout=600)
 
@@ -174,3 +186,55 @@ def test_an_rl_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, tokenizer
 
     assert curve(tmp_path / "cut") == curve(tmp_path / "whole")
     assert len(curve(tmp_path / "whole")) == 5
+
+
+@pytest.mark.parametrize("beta,iterations", [(0.0, 1), (0.05, 2)])
+def test_rloo_steps_equal_trl_rloo_trainer_on_the_same_completions(tmp_path, tokenizer, policy_dir, monkeypatch,
+                                                                   beta, iterations):
+    """RLOO: the leave-one-out baseline, a sequence-level ratio, and the KL (first order, summed) as a
+    penalty on the reward, as TRL's RLOOTrainer; its generation is replaced by the same completions."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    table = fixed_completions(tokenizer)
+    take = _feeder(table)
+    by_ids = {tuple(tokenizer(p, add_special_tokens=False)["input_ids"]): p for p in TEXTS}
+    monkeypatch.setattr(trl.RLOOTrainer, "_generate_single_turn",
+                        lambda self, prompt_ids, images, fields: [take(by_ids[tuple(p)]) for p in prompt_ids])
+    args = trl.RLOOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, num_generations=4, max_steps=2,
+                          learning_rate=1e-2, beta=beta, num_iterations=iterations, max_completion_length=8, bf16=False,
+                          use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", lr_scheduler_type="linear",
+                          seed=0)
+    t = trl.RLOOTrainer(model=str(policy_dir), reward_funcs=[length_reward], args=args,
+                        train_dataset=Dataset.from_list(PROMPTS), processing_class=tokenizer)
+    t.train()
+    theirs = [h for h in t.state.log_history if "loss" in h]
+    mine = sftkit_run(tmp_path, tokenizer, policy_dir, monkeypatch, "rloo", beta, iterations, steps=2)
+    assert len(mine) == len(theirs) == 2
+    for a, b in zip(mine, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-6), (a, b)
+
+
+def test_a_reward_model_scores_the_completions_as_sftkit_score_does(tmp_path, tokenizer, policy_dir, monkeypatch):
+    """{model: DIR}: each completion scored by a reward model (a one-output classifier) after its
+    prompt, as `sftkit score` scores a row; the step's reward is their mean."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from sftkit.tasks.reward import Scorer
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(3)
+    rm = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    mine = sftkit_run(tmp_path, tokenizer, policy_dir, monkeypatch, "grpo", 0.0, 1, steps=1,
+                      **{"rl.rewards": [{"model": str(rm_dir)}], "data.template": "auto"})
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for cs in fixed_completions(tokenizer).values() for c in cs]
+    prompts = [p for p in TEXTS for _ in range(4)]
+    want = Scorer(str(rm_dir)).score([([{"role": "user", "content": p}], [{"role": "assistant", "content": t}])
+                                      for p, t in zip(prompts, texts)])
+    assert mine[0]["rewards/model:rm/mean"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+    assert mine[0]["reward"] == pytest.approx(sum(want) / len(want), abs=1e-5)

@@ -413,6 +413,25 @@ def test_run_names_reports_and_values_are_shown_as_text_in_the_browser(server, r
             shutil.rmtree(run)
 
 
+def test_an_rl_runs_samples_are_shown_as_text(server, runs_root, tab):
+    """task: rl's samples.jsonl: the last eval's prompts, replies and rewards on the run page, every
+    value as text (a reply is model output: it may hold markup)."""
+    run = hostile_run(runs_root, "rl-samples")
+    lines = [{"label": "base", "step": 0, "prompt": "old", "completion": "old reply", "reward": 0.0},
+             {"label": "eval", "step": 4, "prompt": [{"role": "user", "content": "What is 2+2?"}],
+              "completion": f"4 {SCRIPTED}", "reward": 1.0}, "not json"]
+    (run / "samples.jsonl").write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    try:
+        tab.goto(server[0] + "/run/rl-samples")
+        table = tab.locator("#samples")
+        assert "What is 2+2?" in table.inner_text() and SCRIPTED in table.inner_text()
+        assert "old reply" not in table.inner_text()  # the last eval only
+        assert "step 4" in tab.locator("h2", has_text="Samples").inner_text()
+        assert tab.evaluate("window.pwned") is None
+    finally:
+        shutil.rmtree(run)
+
+
 def test_one_broken_run_does_not_break_the_table(server, runs_root):
     made = [hostile_run(runs_root, "bad-seconds", {"seconds": "abc", "steps": [1], "eval_loss": "x"}),
             hostile_run(runs_root, "bad-config", config="peft: lora\n"),

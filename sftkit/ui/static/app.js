@@ -3,7 +3,9 @@
 const sftkit = (() => {
   const CURVES = [
     ["loss", "train loss"], ["eval_loss", "eval loss"], ["nll", "train NLL (distillation)"],
-    ["distill", "distillation term"], ["lr", "learning rate"],
+    ["distill", "distillation term"], ["reward", "reward (sampled completions)"],
+    ["eval_reward", "held-out reward (greedy)"], ["eval_pass_rate", "held-out pass rate"],
+    ["frac_reward_zero_std", "groups with equal rewards"], ["lr", "learning rate"],
     ["grad_norm", "grad norm"], ["tokens_per_s", "tokens/s"], ["forgetting", "forgetting (ref. perplexity rise)"],
   ];
   const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
