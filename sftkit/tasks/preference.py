@@ -205,6 +205,12 @@ def check(cfg: Config) -> None:
     if not 0 <= p.label_smoothing < 0.5:
         raise ConfigError(f"preference.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
     check_pair_keys(cfg, "preference")
+    if "train.group_by_length" not in cfg.given:
+        # Pairs in random order unless the config asks for grouping: a step of pairs of like length is a
+        # step of like pairs (arithmetic pairs: grouped steps reached 0.785 held-out accuracy, random ones
+        # 0.805, and ran faster, since a pass is one packed row and grouping saves no padding;
+        # docs/dpo-vs-trl.md). Set here, so the run's config.yaml says what ran.
+        cfg.train.group_by_length = False
 
 
 # Masks that train only the reply after the prompt: the others would count assistant turns of the
