@@ -158,7 +158,7 @@ def main() -> None:
         "accuracy near 0.8 is about 0.028.", "", *lines, "",
         "Where a whole run could differ from TRL's: the mechanics do not (five steps of full fine-tuning on the whole "
         "set, so the order of rows cannot differ, give TRL's loss, learning rate, gradient norm and margin at every "
-        "step, with its linear schedule and with cosine + warmup: `tests/integration/test_preference.py::"
+        "step, with its linear schedule and with cosine (with warmup sftkit's first step is at lr/warmup, transformers' at 0): `tests/integration/test_preference.py::"
         "test_a_whole_short_run_follows_trl_dpo_trainer_step_for_step`). What differed were two defaults: the order "
         "of pairs (sftkit grouped pairs of like length into a step, as it does for SFT to save padding, which a "
         "packed preference pass does not need, and which makes a step's pairs alike) and the schedule (cosine "
