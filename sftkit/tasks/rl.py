@@ -510,7 +510,7 @@ class Finish:
         base = state.get("base_score")
         result.scores = {k: v["eval_pass_rate"] for k, v in (("base", base), ("tuned", tuned)) if v}
         result.metric = "pass_rate"
-        if base and tuned:
+        if base and tuned and run.main:
             log(f"held-out greedy replies: mean reward {base['eval_reward']:.3f} -> {tuned['eval_reward']:.3f}, pass rate "
                 f"{base['eval_pass_rate']:.3f} -> {tuned['eval_pass_rate']:.3f}")
         return {"metric": "pass_rate", "scores": result.scores, "rewards": {"base": base, "tuned": tuned},
@@ -564,8 +564,9 @@ def prepare(cfg: Config, run: Run) -> Job:
     evaluation = Evaluation(cfg, rollouts, eval_rows, run.dir) if eval_rows else None
     if evaluation is not None and run.start_ckpt is None:
         state["base_score"] = evaluation(None, {"step": 0}, label="base")
-        log(f"held-out greedy replies of the starting model: mean reward {state['base_score']['eval_reward']:.3f}, "
-            f"pass rate {state['base_score']['eval_pass_rate']:.3f}")
+        if run.main:
+            log(f"held-out greedy replies of the starting model: mean reward {state['base_score']['eval_reward']:.3f}, "
+                f"pass rate {state['base_score']['eval_pass_rate']:.3f}")
     return Job(model=model, loss=loss, batcher=rollouts, evaluate=evaluation, finish=Finish(cfg, tok, evaluation, trainable, total),
                select="eval_reward", maximize=True, units_name="units", state=state,
                progress=("reward", "eval_reward", "eval_pass_rate"),

@@ -238,3 +238,26 @@ def test_a_reward_model_scores_the_completions_as_sftkit_score_does(tmp_path, to
                                       for p, t in zip(prompts, texts)])
     assert mine[0]["rewards/model:rm/mean"] == pytest.approx(sum(want) / len(want), abs=1e-5)
     assert mine[0]["reward"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+
+
+def test_two_processes_run_an_rl_job_with_one_log_and_the_step_counted_over_both(tmp_path, tokenizer, policy_dir):
+    """--nproc 2: each process samples its share of the step's prompts; the step's units and its
+    reward figures cover both (batch-scaled rewards gathered), rank 0 alone writes. (The completions
+    are not those of one process: each rank samples with its own seed; docs/rl.md.)"""
+    import yaml
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Count to {i}:", "answer": str(i)} for i in range(8)])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"task": "rl", "model": {"name": str(policy_dir)}, "data": {"train": str(data), "eval_fraction": 0},
+                                   "peft": {"r": 4}, "rl": {"num_generations": 3, "max_new_tokens": 6, "scale_rewards": "batch",
+                                                            "rewards": [{"function": "length", "target": 3, "unit": "tokens"}]},
+                                   "train": {"batch_size": 2, "max_steps": 3, "lr": 5e-3}, "eval": {"reference": None},
+                                   "output_dir": str(tmp_path / "run")}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "sftkit", "train", str(cfg), "--nproc", "2"], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["units"] == 12 for r in records)  # 2 processes x 2 prompts x 3 completions
+    assert all(r["generated_tokens"] == pytest.approx(r["completion_length"] * 12) for r in records)
