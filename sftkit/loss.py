@@ -346,11 +346,19 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     return LossSums(total, n, correct)
 
 
-def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0,
+                entropy: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of each trained token, the row or packed sequence it belongs to), in label order,
     from the hidden states at those positions only: the LM head runs on trained positions, in chunks,
     and never keeps the tokens x vocab logits. `temperature`: of logits / temperature (as sampled).
-    A packed row names each token's sequence in `sequence_ids`."""
+    A packed row names each token's sequence in `sequence_ids`. `entropy`: a list that receives the
+    entropy of each of those positions' distributions (no gradient; one more head pass per chunk)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -377,9 +385,13 @@ def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0)
         else:
             parts = [torch.log_softmax(head(hidden[i : i + chunk]).float(), -1).gather(-1, t[i : i + chunk, None])[:, 0]
                      for i in range(0, len(hidden), chunk)]
+        if entropy is not None:
+            entropy += [_entropy(head(hidden[i : i + chunk].detach())) for i in range(0, len(hidden), chunk)]
         return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
     # A model that transforms its logits: its own logits, at the trained positions
     logits = model(**inputs).logits[:, :-1][keep].float() / temperature
+    if entropy is not None:
+        entropy.append(_entropy(logits.detach()))
     return torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0], rows
 
 

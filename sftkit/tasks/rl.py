@@ -182,12 +182,14 @@ class RLLoss(torch.nn.Module):
     def forward(self, **batch):
         rl = self.rl
         n = int(batch["n_sequences"])
-        logps, rows = token_logps(self.model, batch, temperature=rl.temperature)
+        ent: list = []
+        logps, rows = token_logps(self.model, batch, temperature=rl.temperature, entropy=ent)
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         eps_low, eps_high = rl.epsilon, rl.epsilon if rl.epsilon_high is None else rl.epsilon_high
         adv = batch["advantages"].to(logps.dtype)
         counts = torch.zeros(n, device=logps.device).index_add(0, rows, torch.ones_like(logps))
         figures: dict[str, torch.Tensor] = {}
+        entropy = torch.cat(ent) if ent else logps.new_zeros(0)
         if rl.loss == "rloo":  # the ratio of whole sequences
             seq = torch.zeros(n, device=logps.device).index_add(0, rows, logps)
             seq_old = torch.zeros(n, device=logps.device).index_add(0, rows, old.to(logps.dtype))
@@ -196,6 +198,8 @@ class RLLoss(torch.nn.Module):
             loss = -torch.min(ratio * adv, clipped * adv)
             figures["clip_ratio/low"] = ((ratio < 1 - eps_low) & (adv < 0)).float().sum().detach()
             figures["clip_ratio/high"] = ((ratio > 1 + eps_high) & (adv > 0)).float().sum().detach()
+            # each completion's mean token entropy, summed (the units are completions)
+            figures["entropy"] = (torch.zeros(n, device=logps.device).index_add(0, rows, entropy) / counts.clamp(min=1)).sum()
             return loss.sum(), torch.tensor(float(n)), figures
         a = adv[rows]
         ratio = torch.exp(logps - old.to(logps.dtype))
@@ -208,6 +212,7 @@ class RLLoss(torch.nn.Module):
             kl = (torch.exp(ref - logps) - (ref - logps) - 1) * ratio
             per_token = per_token + rl.beta * kl
             figures["kl"] = self._aggregate(kl.detach(), rows, counts, n)
+        figures["entropy"] = self._aggregate(entropy, rows, counts, n)
         figures["clip_ratio/low"] = self._aggregate(((ratio < 1 - eps_low) & (a < 0)).float().detach(), rows, counts, n)
         figures["clip_ratio/high"] = self._aggregate(((ratio > 1 + eps_high) & (a > 0)).float().detach(), rows, counts, n)
         units = {"grpo": float(n), "dr_grpo": float(n * rl.max_new_tokens), "dapo": float(len(logps))}[rl.loss]

@@ -113,6 +113,8 @@ def test_steps_equal_trl_grpo_trainer_on_the_same_completions(tmp_path, tokenize
             assert a["reward_std"] == pytest.approx(b["reward_std"], abs=1e-5), (a, b)
         if beta and loss == "dapo":  # aggregated per token, as TRL logs it
             assert a["kl"] == pytest.approx(b["kl"], abs=1e-5), (a, b)
+        if loss == "dapo":
+            assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5), (a, b)
     if iterations == 2:  # the second step saw a moved policy: the ratio is not 1 there
         assert mine[1]["loss"] != pytest.approx(mine[0]["loss"], abs=1e-6)
     assert mine[0]["grad_norm"] > 1e-3  # the loss is ~0 at ratio 1 (advantages sum to 0), its gradient is not
