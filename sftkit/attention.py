@@ -229,3 +229,14 @@ def packed_layout(model: torch.nn.Module, examples: list) -> tuple[bool, bool]:
     if use_packed_attention(model) not in (NAME, "flash_attention_2") or packing_problem(model, examples):
         return False, False
     return True, prefix_sharing_problem(model, examples) is None
+
+
+def shared_layout_problem(models: list, sides: list) -> str | None:
+    """Why a prompt cannot be computed once for several continuations on these models (packing or
+    prefix sharing not exact for one of them, checked numerically on `sides`), or None."""
+    for m in models:
+        use_packed_attention(m)
+        why_not = packing_problem(m, sides) or prefix_sharing_problem(m, sides)
+        if why_not:
+            return why_not
+    return None

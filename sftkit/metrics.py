@@ -76,20 +76,27 @@ METRICS: dict[str, Callable[[str, str], float]] = {
 }
 
 
+def import_function(spec: str, what: str) -> Callable:
+    """`module:function` from the working directory or the path, or a ConfigError that says `what` wanted it."""
+    module, _, name = spec.partition(":")
+    try:
+        sys.path.insert(0, str(Path.cwd()))
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{what}: cannot import {name} from {module}: {e}") from None
+    finally:
+        sys.path.pop(0)
+    if not callable(fn):
+        raise ConfigError(f"{what}: {spec} is not a function")
+    return fn
+
+
 def metric_fn(name: str) -> Callable[[str, str], float]:
     """A built-in metric, or `module:function` taking (prediction, reference) and returning a number."""
     if name in METRICS:
         return METRICS[name]
     if ":" in name:
-        module, fn = name.split(":", 1)
-        try:
-            sys.path.insert(0, str(Path.cwd()))
-            f = getattr(importlib.import_module(module), fn)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"metric {name!r}: cannot import {fn} from {module}: {e}") from None
-        finally:
-            sys.path.pop(0)
-        return f
+        return import_function(name, f"metric {name!r}")
     close = difflib.get_close_matches(name, list(METRICS), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"metric {name!r} is not one of {', '.join(METRICS)} nor module:function{hint}")

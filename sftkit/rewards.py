@@ -14,16 +14,14 @@ naming the function and the row.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
-from .metrics import normalise_text
+from .metrics import import_function, normalise_text
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -102,20 +100,6 @@ class Reward:
     model: str | None = None  # a reward run: scored with `sftkit score`'s code
 
 
-def _import(spec: str) -> Callable:
-    module, _, name = spec.partition(":")
-    try:
-        sys.path.insert(0, str(Path.cwd()))
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"rl.rewards: cannot import {name} from {module}: {e}") from None
-    finally:
-        sys.path.pop(0)
-    if not callable(fn):
-        raise ConfigError(f"rl.rewards: {spec} is not a function")
-    return fn
-
-
 def parse_rewards(specs) -> list[Reward]:
     """rl.rewards: a list of {function: builtin | module:name, weight, ...options} or {model: RUN, weight}."""
     if not isinstance(specs, list) or not specs:
@@ -141,7 +125,7 @@ def parse_rewards(specs) -> list[Reward]:
         if name in BUILTINS:
             fn = BUILTINS[name]
         elif ":" in name:
-            fn = _import(name)
+            fn = import_function(name, "rl.rewards")
             if options:
                 raise ConfigError(f"{where}: options {sorted(options)} are for built-ins; a function of your own takes "
                                   "the prompt rows' columns")

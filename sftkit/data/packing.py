@@ -142,6 +142,19 @@ def epoch_order(sizes: list[int], seed: int, epoch: int, per_step: int, group_by
     return out
 
 
+def step_slice(step: int, per_step: int, n: int, order) -> list[int]:
+    """The `per_step` indices of step `step` (0-based) when the epochs' orders (`order(epoch)`, each a
+    permutation of range(n)) are laid end to end: a step may end one epoch and begin the next."""
+    out: list[int] = []
+    pos = step * per_step
+    while len(out) < per_step:
+        epoch, offset = divmod(pos, n)
+        take = min(per_step - len(out), n - offset)
+        out += order(epoch)[offset : offset + take]
+        pos += take
+    return out
+
+
 class Batcher:
     """Micro-batches for each optimizer step, the same ones whatever process or restart asks."""
 
@@ -173,15 +186,7 @@ class Batcher:
 
     def step_units(self, step: int) -> list[int]:
         """Unit indices of optimizer step `step` (0-based), all processes': a slice of the epochs laid end to end."""
-        per_step, n = self.bs * self.ga * self.world, len(self.units)
-        out: list[int] = []
-        pos = step * per_step
-        while len(out) < per_step:
-            epoch, offset = divmod(pos, n)
-            take = min(per_step - len(out), n - offset)
-            out += self._order(epoch)[offset : offset + take]
-            pos += take
-        return out
+        return step_slice(step, self.bs * self.ga * self.world, len(self.units), self._order)
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This process's forward passes for step `step`: its share of the step's units, split into

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from ..attention import packing_problem, prefix_sharing_problem, use_packed_attention
+from ..attention import shared_layout_problem
 from ..config import Config, ConfigError
 from ..data import renderer_for
 from ..data.packing import Batcher, packed_row, pad_collate, shared_prefix_length
@@ -290,12 +290,10 @@ def prompt_sharing(cfg: Config, models: list, examples: list[PairExample]) -> bo
     if not cfg.data.share_prefix:
         return False
     sides = [e.chosen for e in examples[:32]] + [e.rejected for e in examples[:32]]
-    for m in models:
-        use_packed_attention(m)
-        why_not = packing_problem(m, sides) or prefix_sharing_problem(m, sides)
-        if why_not:
-            log(f"shared prompts: off, {why_not}")
-            return False
+    why_not = shared_layout_problem(models, sides)
+    if why_not:
+        log(f"shared prompts: off, {why_not}")
+        return False
     log("shared prompts: each pair's prompt is computed once for both replies (one packed row per pass)")
     return True
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from ..attention import packing_problem, prefix_sharing_problem, use_packed_attention
+from ..attention import shared_layout_problem
 from ..config import Config, ConfigError
 from ..data import renderer_for
-from ..data.packing import epoch_order, packed_row, pad_collate
+from ..data.packing import epoch_order, packed_row, pad_collate, step_slice
 from ..data.render import IGNORE, Example
 from ..data.sources import DataError, read_source, source_files
 from ..export import write_card
@@ -270,15 +270,14 @@ class Rollouts:
     # the prompts of a generation batch: the same seeded order over epochs as every task's batches
     def prompt_rows(self, index: int) -> list[int]:
         per_step, n = self.per_process * self.run.world, len(self.rows)
-        out, pos = [], index * per_step
-        while len(out) < per_step:
-            epoch, offset = divmod(pos, n)
-            if epoch not in self._orders:
-                self._orders = {epoch: epoch_order([1] * n, self.cfg.train.seed, epoch, per_step, False)}
-            take = min(per_step - len(out), n - offset)
-            out += self._orders[epoch][offset : offset + take]
-            pos += take
-        return out[self.run.rank * self.per_process : (self.run.rank + 1) * self.per_process]
+        rows = step_slice(index, per_step, n, self._order)
+        return rows[self.run.rank * self.per_process : (self.run.rank + 1) * self.per_process]
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order([1] * len(self.rows), self.cfg.train.seed, epoch,
+                                               self.per_process * self.run.world, False)}
+        return self._orders[epoch]
 
     def rollout_for(self, step: int) -> Rollout:
         index = step // self.rl.num_iterations
@@ -586,11 +585,9 @@ def completion_sharing(cfg: Config, models: list, renderer, rows: list[PromptRow
     eos = sorted(renderer.end_ids)[0]
     sides = [Example(ids + [eos, eos], [IGNORE] * len(ids) + [eos, eos])
              for ids in (renderer.prompt_ids(r.messages) for r in rows[:8])]
-    for m in models:
-        use_packed_attention(m)
-        why_not = packing_problem(m, sides) or prefix_sharing_problem(m, sides)
-        if why_not:
-            log(f"shared prompts: off, {why_not}")
-            return False
+    why_not = shared_layout_problem(models, sides)
+    if why_not:
+        log(f"shared prompts: off, {why_not}")
+        return False
     log("shared prompts: each prompt is computed once for its whole group of completions")
     return True
