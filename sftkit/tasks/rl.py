@@ -544,6 +544,8 @@ def prepare(cfg: Config, run: Run) -> Job:
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.peft.method == "qlora")
     cap_max_length(cfg, model)
     renderer = renderer_for(cfg.data, tok)
+    train_rows = fitting(train_rows, renderer, cfg, "training")
+    eval_rows = fitting(eval_rows, renderer, cfg, "held-out")
     if cfg.peft.method != "qlora":
         model.to(run.device)
     reference = None
@@ -575,6 +577,27 @@ def prepare(cfg: Config, run: Run) -> Job:
                select="eval_reward", maximize=True, units_name="units", state=state,
                progress=("reward", "eval_reward", "eval_pass_rate"),
                step_figures=lambda step: rollouts.rollout_for(step).figures)
+
+
+def fitting(rows: list[PromptRow], renderer, cfg: Config, what: str) -> list[PromptRow]:
+    """The prompts that leave room for rl.max_new_tokens within data.max_length. A longer one stops
+    the run with data.truncation=error, else it is dropped and counted (cutting a prompt would change
+    the question its reward checks)."""
+    room = cfg.data.max_length - cfg.rl.max_new_tokens
+    kept = []
+    for r in rows:
+        n = len(renderer.prompt_ids(r.messages))
+        if n <= room:
+            kept.append(r)
+        elif cfg.data.truncation == "error":
+            raise DataError(f"{r.where}: the prompt is {n} tokens; with rl.max_new_tokens={cfg.rl.max_new_tokens} it does "
+                            f"not fit data.max_length={cfg.data.max_length} (data.truncation=error)", "too long")
+    if len(kept) < len(rows):
+        log(f"dropped {len(rows) - len(kept)} {what} prompts longer than data.max_length - rl.max_new_tokens = {room} tokens")
+    if rows and not kept:
+        raise ConfigError(f"no {what} prompt fits data.max_length={cfg.data.max_length} with rl.max_new_tokens="
+                          f"{cfg.rl.max_new_tokens}: raise data.max_length or lower rl.max_new_tokens")
+    return kept
 
 
 def completion_sharing(cfg: Config, models: list, renderer, rows: list[PromptRow]) -> bool:

@@ -263,3 +263,22 @@ def test_two_processes_run_an_rl_job_with_one_log_and_the_step_counted_over_both
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["units"] == 12 for r in records)  # 2 processes x 2 prompts x 3 completions
     assert all(r["generated_tokens"] == pytest.approx(r["completion_length"] * 12) for r in records)
+
+
+def test_prompts_longer_than_the_room_left_are_dropped_and_counted_or_stop_the_run(tmp_path, tokenizer, policy_dir,
+                                                                                   monkeypatch, capsys):
+    from sftkit.data.sources import DataError
+    from sftkit.tasks import rl
+
+    take = _feeder(fixed_completions(tokenizer))
+    monkeypatch.setattr(rl, "generate_ids", lambda model, renderer, prompts, *a, **k: [take(p[-1]["content"]) for p in prompts])
+    rows = PROMPTS + [{"prompt": "word " * 60, "answer": "x"}]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    base = {"task": "rl", "model.name": str(policy_dir), "data.train": str(data), "data.template": "plain",
+            "data.eval_fraction": 0, "data.max_length": 40, "peft.method": "full", "rl.num_generations": 4,
+            "rl.max_new_tokens": 8, "rl.rewards": [{"function": "tests.integration.test_rl:length_reward"}],
+            "train.batch_size": 2, "train.max_steps": 1, "eval.reference": None}
+    train(load_config(None, {**base, "output_dir": str(tmp_path / "a")}))
+    assert "dropped 1 training prompts longer than data.max_length - rl.max_new_tokens = 32 tokens" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"long\.jsonl:3: the prompt is \d+ tokens; with rl.max_new_tokens=8 it does not fit"):
+        train(load_config(None, {**base, "data.truncation": "error", "output_dir": str(tmp_path / "b")}))
