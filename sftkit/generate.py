@@ -14,7 +14,7 @@ from threading import Thread
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from .compat import cache_argument
 from .config import Config, ConfigError, DataConfig, load_config
@@ -56,6 +56,28 @@ def _sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
+class RowSampler(LogitsProcessor):
+    """Samples every row from its own random stream, so a reply depends on its seed alone, not on the
+    rows generated beside it (task: rl: two processes sample what one would). Gumbel-max over the
+    logits / temperature, cut to the top-p nucleus: the returned scores' argmax is the sample, so
+    greedy decoding draws it."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        self.temperature, self.top_p = temperature, top_p
+        self.streams = [torch.Generator(device=device).manual_seed(s % 2**63) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:  # the nucleus: the most likely tokens whose probabilities reach top_p (at least one)
+            ordered, index = scores.sort(dim=-1, descending=True)
+            p = ordered.softmax(-1)
+            outside = (p.cumsum(-1) - p) >= self.top_p  # the mass of the likelier tokens already reaches top_p
+            drop = torch.zeros_like(outside).scatter(-1, index, outside)
+            scores = scores.masked_fill(drop, float("-inf"))
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.streams])
+        return scores - torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+
+
 def shared_prefix(encoded: list[list[int]], least: int = 8) -> int:
     """Tokens every prompt starts with (the system message, few-shot examples, the template's opening),
     leaving each prompt at least one token of its own; 0 when shorter than `least`."""
@@ -90,9 +112,12 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
 @torch.no_grad()
 def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
                  batch_size: int = 16, progress=None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, reuse_prefix: bool = True) -> list[list[int]]:
+                 seed: int | None = None, reuse_prefix: bool = True, row_seeds: list[int] | None = None
+                 ) -> list[list[int]]:
     """The replies' token ids, each up to and including its first end-of-turn token (or max_new_tokens
-    long where it did not end): exactly the tokens sampled, for a loss on them (task: rl).
+    long where it did not end): exactly the tokens sampled, for a loss on them (task: rl). With
+    `row_seeds` (one per prompt) and a temperature, each reply is sampled from its own seed
+    (RowSampler) instead of one stream for the batch.
 
     The prefix all prompts share (system message, few-shot examples) is run once and its KV cache
     reused by every batch: rows are laid out as [prefix][left padding][own tokens], positions
@@ -128,9 +153,14 @@ def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]],
         if cache is not None:
             extra[cache_argument(model)] = copy.deepcopy(cache)
             extra[cache_argument(model)].batch_repeat_interleave(len(idx))
+        if row_seeds is not None and temperature and temperature > 0:
+            sampler = RowSampler([row_seeds[i] for i in idx], temperature, top_p, device)
+            extra["logits_processor"] = LogitsProcessorList([sampler])
+            sampling = _sampling(0.0, 1.0)
+        else:
+            sampling = _sampling(temperature, top_p)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=sorted(renderer.end_ids), pad_token_id=pad, **extra,
-                             **_sampling(temperature, top_p))
+                             eos_token_id=sorted(renderer.end_ids), pad_token_id=pad, **extra, **sampling)
         for row, i in enumerate(idx):
             out = gen[row, width:].tolist()
             stop = next((k for k, t in enumerate(out) if t in ends), None)

@@ -297,10 +297,13 @@ class Rollouts:
         rows = self.prompt_rows(index)
         prompts = [self.rows[i].messages for i in rows for _ in range(G)]
         t0 = time.time()
-        seed = (self.cfg.train.seed * 1_000_003 + index) * 1_009 + self.run.rank
+        # Each completion's own seed, from train.seed, the generation batch and its place in the step's
+        # global batch: what one process samples, two sample between them.
+        base = (self.cfg.train.seed * 1_000_003 + index) * 1_000_003 + self.run.rank * self.per_process * G
         with torch.random.fork_rng(devices=[self.run.device] if self.run.device.type == "cuda" else []):
             completions = generate_ids(self.model, self.renderer, prompts, rl.max_new_tokens, batch_size=len(prompts),
-                                       temperature=rl.temperature, top_p=rl.top_p, seed=seed)
+                                       temperature=rl.temperature, top_p=rl.top_p,
+                                       row_seeds=[base + k for k in range(len(prompts))])
         gen_seconds = time.time() - t0
         ends = self.renderer.end_ids
         ended = [bool(c) and c[-1] in ends for c in completions]

@@ -242,27 +242,39 @@ def test_a_reward_model_scores_the_completions_as_sftkit_score_does(tmp_path, to
     assert mine[0]["reward"] == pytest.approx(sum(want) / len(want), abs=1e-5)
 
 
-def test_two_processes_run_an_rl_job_with_one_log_and_the_step_counted_over_both(tmp_path, tokenizer, policy_dir):
-    """--nproc 2: each process samples its share of the step's prompts; the step's units and its
-    reward figures cover both (batch-scaled rewards gathered), rank 0 alone writes. (The completions
-    are not those of one process: each rank samples with its own seed; docs/rl.md.)"""
+def test_two_processes_give_the_curve_of_one_with_the_same_global_batch(tmp_path, tokenizer, policy_dir):
+    """--nproc 2 with 2 prompts each against one process with 4: each completion is sampled from a seed
+    of its own place in the step's global batch, so the two processes generate between them what the
+    one did; the rewards, losses and units are those of one process, and rank 0 alone writes."""
     import yaml
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Count to {i}:", "answer": str(i)} for i in range(8)])
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"task": "rl", "model": {"name": str(policy_dir)}, "data": {"train": str(data), "eval_fraction": 0},
-                                   "peft": {"r": 4}, "rl": {"num_generations": 3, "max_new_tokens": 6, "scale_rewards": "batch",
-                                                            "rewards": [{"function": "length", "target": 3, "unit": "tokens"}]},
-                                   "train": {"batch_size": 2, "max_steps": 3, "lr": 5e-3}, "eval": {"reference": None},
-                                   "output_dir": str(tmp_path / "run")}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "sftkit", "train", str(cfg), "--nproc", "2"], capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert all(r["units"] == 12 for r in records)  # 2 processes x 2 prompts x 3 completions
-    assert all(r["generated_tokens"] == pytest.approx(r["completion_length"] * 12) for r in records)
+
+    def run(name, nproc, batch):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "task": "rl", "model": {"name": str(policy_dir)}, "data": {"train": str(data), "eval_fraction": 0},
+            "peft": {"r": 4}, "rl": {"num_generations": 3, "max_new_tokens": 6, "scale_rewards": "batch",
+                                     "temperature": 1.5, "top_p": 0.9,
+                                     "rewards": [{"function": "tests.integration.test_rl:length_reward"}]},
+            "train": {"batch_size": batch, "max_steps": 3, "lr": 5e-2}, "eval": {"reference": None},
+            "output_dir": str(tmp_path / name)}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-m", "sftkit", "train", str(cfg), "--nproc", str(nproc)],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
+
+    two, one = run("two", 2, 2), run("one", 1, 4)
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert all(r["units"] == 12 for r in two)  # 2 processes x 2 prompts x 3 completions
+    assert all(r["generated_tokens"] == pytest.approx(r["completion_length"] * 12) for r in two)
+    for a, b in zip(two, one):
+        for k in ("generated_tokens", "completion_length/min", "completion_length/max", "truncated", "units"):
+            assert a[k] == b[k], (k, a, b)
+        for k in ("reward", "reward_std", "loss", "grad_norm", "entropy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+    assert len({r["reward"] for r in one}) == 3  # each step sampled other completions
 
 
 def test_prompts_longer_than_the_room_left_are_dropped_and_counted_or_stop_the_run(tmp_path, tokenizer, policy_dir,

@@ -94,3 +94,38 @@ def test_every_path_asks_for_a_reply_with_the_prompt_training_rendered(tokenizer
         asked.clear()
         run()
         assert asked and all(a == trained_prompt for a in asked), (name, tokenizer.decode(asked[0]))
+
+
+def test_a_row_seeded_reply_depends_on_its_seed_alone_not_on_the_rows_beside_it(tokenizer):
+    """row_seeds: each reply sampled from its own stream, so it is the same alone or in any batch
+    (what lets two processes sample what one would)."""
+    from sftkit.generate import generate_ids
+
+    model = sharpened(tokenizer)
+    renderer = Renderer(tokenizer, "auto", 512, "auto", "truncate")
+    prompts = [[{"role": "user", "content": q}] for q in ("Count to five", "Name a colour", "Hi", "What is 2+2?")]
+    kw = dict(temperature=1.3, top_p=0.95)
+    together = generate_ids(model, renderer, prompts, 12, batch_size=4, row_seeds=[10, 11, 12, 13], **kw)
+    for i in range(4):
+        assert generate_ids(model, renderer, [prompts[i]], 12, row_seeds=[10 + i], **kw) == [together[i]]
+    reordered = generate_ids(model, renderer, prompts[::-1], 12, batch_size=2, row_seeds=[13, 12, 11, 10], **kw)
+    assert reordered == together[::-1]
+    again = generate_ids(model, renderer, prompts, 12, batch_size=4, row_seeds=[20, 21, 22, 23], **kw)
+    assert again != together  # another seed, another sample
+
+
+def test_the_row_sampler_draws_from_the_tempered_nucleus():
+    """Gumbel-max over logits / temperature within the top-p nucleus: the frequencies of many draws
+    are the renormalised probabilities, tokens outside the nucleus never drawn."""
+    from sftkit.generate import RowSampler
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    n = 20000
+    sampler = RowSampler(list(range(n)), temperature=0.7, top_p=0.9, device="cpu")
+    draws = sampler(None, logits.expand(n, -1)).argmax(-1)
+    p = (logits / 0.7).softmax(-1)
+    keep = (p.cumsum(-1) - p) < 0.9  # sorted already: the likeliest tokens until 0.9 is reached
+    want = torch.where(keep, p, 0) / p[keep].sum()
+    got = torch.bincount(draws, minlength=5).float() / n
+    assert torch.allclose(got, want, atol=0.01), (got, want)
+    assert got[~keep].sum() == 0
