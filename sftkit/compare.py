@@ -17,6 +17,8 @@ from .export import write_card
 from .generate import load_for_inference
 from .job import log
 from .report import read_metrics
+from .rewards import parse_rewards
+from .tasks import rl
 
 
 def pick_shots(source: str, k: int, data_cfg: DataConfig, exclude: list[Row] | None = None, seed: int = 0) -> list[Row]:
@@ -105,7 +107,8 @@ def plot(results: dict[str, EvalResult], out: Path) -> None:
         bars = ax.bar(xs, values, width, label=name)
         ax.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in values], fontsize=8)
     ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(keys))], keys)
-    ax.set_ylim(0, 1.1)
+    shown = [v for r in results.values() for v in (r.metrics.get(k, float("nan")) for k in keys) if v == v]
+    ax.set_ylim(min([0.0, *shown]), max([1.1, *(1.1 * v for v in shown)]))  # rewards may leave [0, 1]
     ax.set_ylabel("score (higher is better)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
@@ -145,14 +148,55 @@ def report_md(results: dict[str, EvalResult], data: str, metric: str, base_name:
     return "\n".join(lines)
 
 
+def rl_eval(target: str, cfg: Config, rows: list, scorers: dict, label: str, max_new_tokens: int,
+            batch_size: int) -> EvalResult:
+    """One model on held-out prompt rows as an RL run scores them: greedy replies, the run's rewards."""
+    model, tok, _ = load_for_inference(target)
+    renderer = renderer_for(cfg.data, tok)
+    rewards = parse_rewards(cfg.rl.rewards)
+    log(f"{label}: greedy replies to {len(rows)} prompts")
+    h = rl.held_out(model, renderer, rows, rewards, scorers, max_new_tokens, cfg.rl.pass_at, batch_size)
+    del model
+    metrics = {"pass_rate": h.metrics["eval_pass_rate"], "reward": h.metrics["eval_reward"],
+               **{k.removeprefix("eval_"): v for k, v in h.metrics.items() if k.startswith("eval_rewards/")}}
+    predictions = [{"source": r.where, "prompt": r.prompt if isinstance(r.prompt, str) else r.messages[-1]["content"],
+                    "reference": str(r.columns.get("answer", "")), "prediction": tok.decode(c, skip_special_tokens=True),
+                    "scores": {"reward": score, "pass_rate": float(score >= cfg.rl.pass_at)},
+                    "rewards": {w.name: (None if v != v else v) for w, v in zip(rewards, pf)}}
+                   for r, c, score, pf in zip(rows, h.completions, h.scores, h.per_func)]
+    return EvalResult(metrics=metrics, predictions=predictions)
+
+
+def compare_rl(base: str, run_dir: Path, cfg: Config, data: str, limit: int, max_new_tokens: int | None,
+               batch_size: int) -> dict[str, EvalResult]:
+    """An RL run: base and tuned greedy replies to the prompt rows of `data`, scored with the run's
+    rewards (mean reward and pass rate), as the run's own held-out evals are."""
+    rows, skipped = rl.read_prompt_rows(data, cfg.data.columns, cfg.data.on_error)
+    if skipped:
+        log(f"{data}: skipped {skipped} bad rows (data.on_error=skip)")
+    rows = rows[:limit] if limit > 0 else rows
+    if not rows:
+        raise ConfigError(f"{data}: no prompt rows to compare on")
+    scorers = rl.reward_scorers(parse_rewards(cfg.rl.rewards), "cpu")
+    new_tokens = max_new_tokens or cfg.rl.max_new_tokens
+    return {name: rl_eval(target, cfg, rows, scorers, name, new_tokens, batch_size)
+            for name, target in (("base", base), ("tuned", str(run_dir)))}
+
+
 def compare(base: str, run: str, data: str, metrics: list[str], few_shot: int = 0, shots_from: str | None = None,
-            limit: int = 0, max_new_tokens: int = 64, batch_size: int = 16) -> tuple[dict[str, EvalResult], Path]:
+            limit: int = 0, max_new_tokens: int | None = None, batch_size: int = 16) -> tuple[dict[str, EvalResult], Path]:
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"compare: {run} is not a run directory (no config.yaml)")
+    run_cfg = load_config(run_dir / "config.yaml")
+    if run_cfg.task == "rl":
+        if few_shot:
+            raise ConfigError("compare: --few-shot is not offered for an RL run (its prompts have no solved replies)")
+        results = compare_rl(base, run_dir, run_cfg, data, limit, max_new_tokens, batch_size)
+        return write_comparison(results, data, "reward", base, run_dir), run_dir
     # Both models see the rows rendered as the run was trained (template, system message).
-    data_cfg = load_config(run_dir / "config.yaml").data
-    kw = dict(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    data_cfg = run_cfg.data
+    kw = dict(limit=limit, max_new_tokens=max_new_tokens or 64, batch_size=batch_size)
     results: dict[str, EvalResult] = {}
     log(f"evaluating base model {base}")
     base_model = load_for_inference(base)  # once, for the plain and the few-shot rows
@@ -168,10 +212,15 @@ def compare(base: str, run: str, data: str, metrics: list[str], few_shot: int = 
         results[f"base+{few_shot}shot"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, few_shot=few_shot,
                                                       shots_from=src, label=f"base+{few_shot}-shot", loaded=base_model, **kw)
     del base_model
+    return write_comparison(results, data, metrics[0], base, run_dir), run_dir
+
+
+def write_comparison(results: dict[str, EvalResult], data: str, metric: str, base: str, run_dir: Path
+                     ) -> dict[str, EvalResult]:
     for name, r in results.items():
         r.write(run_dir / "compare" / name)
     plot(results, run_dir / "compare.png")
-    (run_dir / "report.md").write_text(report_md(results, data, metrics[0], base, run_dir))
+    (run_dir / "report.md").write_text(report_md(results, data, metric, base, run_dir))
     if (run_dir / "final").is_dir():  # the model card gains the comparison
         write_card(run_dir)
-    return results, run_dir
+    return results

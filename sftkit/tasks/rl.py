@@ -9,8 +9,8 @@ formula. The step runs on the shared loop, so it has checkpoints, resume, `--npr
 non-finite guard like every task.
 
 Why the step is a function of (weights, seed, step) alone: the prompts of a step come from the same
-seeded order as every task's batches, and the sampling seed of a generation batch is derived from
-`train.seed`, its index and the process rank. A resumed run regenerates what the uninterrupted run
+seeded order as every task's batches, and the sampling seed of each completion is derived from
+`train.seed`, the generation batch and its place in the step's global batch. A resumed run regenerates what the uninterrupted run
 generated; with `rl.num_iterations` > 1 the generation batch in use is kept in the checkpoint (one
 process), since the weights that made it are gone.
 
@@ -327,27 +327,7 @@ class Rollouts:
                        old, ref, figures)
 
     def score(self, prompt_rows: list[PromptRow], completions: list[list[int]], G: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted total per completion, NaN where no function applied; each function's values);
-        `prompt_rows` has one row per completion, G completions of each prompt in a row."""
-        texts = [self.renderer.tok.decode(c, skip_special_tokens=True) for c in completions]
-        prompts = [r.prompt for r in prompt_rows]
-        shown = [[{"role": "assistant", "content": t}] if r.chat else t for r, t in zip(prompt_rows, texts)]
-        names = sorted({k for r in prompt_rows for k in r.columns})
-        columns = {k: [r.columns.get(k) for r in prompt_rows] for k in names}
-        columns["completion_ids"] = completions
-        values = []
-        for reward in self.rewards:
-            if reward.model is not None:
-                items = [(r.messages, [{"role": "assistant", "content": t}]) for r, t in zip(prompt_rows, texts)]
-                values.append(self.scorers[reward.model].score(items, batch_size=16))
-            else:
-                values.append(call(reward, prompts, shown, columns, where=lambda i: f"{prompt_rows[i].where} (completion "
-                                                                                    f"{i % G + 1} of {G})"))
-        per_func = torch.tensor(values, dtype=torch.float32).T  # completions x functions
-        weights = torch.tensor([r.weight for r in self.rewards])
-        total = torch.nansum(per_func * weights, 1)
-        total[torch.isnan(per_func).all(1)] = float("nan")
-        return total, per_func
+        return score_completions(self.rewards, self.scorers, self.renderer.tok, prompt_rows, completions, G)
 
     def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         if self.run.world == 1:
@@ -479,6 +459,60 @@ def check(cfg: Config) -> None:
 
 
 # -- held out ---------------------------------------------------------------------------------------
+def score_completions(rewards: list[Reward], scorers: dict, tok, prompt_rows: list[PromptRow], completions: list[list[int]],
+                      G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted total per completion, NaN where no function applied; each function's values);
+    `prompt_rows` has one row per completion, G completions of each prompt in a row."""
+    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+    prompts = [r.prompt for r in prompt_rows]
+    shown = [[{"role": "assistant", "content": t}] if r.chat else t for r, t in zip(prompt_rows, texts)]
+    names = sorted({k for r in prompt_rows for k in r.columns})
+    columns = {k: [r.columns.get(k) for r in prompt_rows] for k in names}
+    columns["completion_ids"] = completions
+    values = []
+    for reward in rewards:
+        if reward.model is not None:
+            items = [(r.messages, [{"role": "assistant", "content": t}]) for r, t in zip(prompt_rows, texts)]
+            values.append(scorers[reward.model].score(items, batch_size=16))
+        else:
+            values.append(call(reward, prompts, shown, columns, where=lambda i: f"{prompt_rows[i].where} (completion "
+                                                                                f"{i % G + 1} of {G})"))
+    per_func = torch.tensor(values, dtype=torch.float32).T  # completions x functions
+    weights = torch.tensor([r.weight for r in rewards])
+    total = torch.nansum(per_func * weights, 1)
+    total[torch.isnan(per_func).all(1)] = float("nan")
+    return total, per_func
+
+
+def reward_scorers(rewards: list[Reward], device: str) -> dict:
+    """One Scorer per reward run among the rewards."""
+    return {r.model: Scorer(r.model, device=device) for r in rewards if r.model is not None}
+
+
+@dataclass
+class HeldOut:
+    """Greedy replies to held-out prompts and their rewards."""
+    metrics: dict  # eval_reward (mean weighted reward, unscorable = 0), eval_pass_rate, eval_rewards/NAME
+    completions: list[list[int]]
+    scores: list[float]
+    per_func: list[list[float]]
+
+
+@torch.no_grad()
+def held_out(model, renderer, rows: list[PromptRow], rewards: list[Reward], scorers: dict, max_new_tokens: int,
+             pass_at: float, batch_size: int) -> HeldOut:
+    """The held-out figures of task: rl (its evals, and `sftkit compare` on an RL run): greedy replies
+    scored by the run's rewards; a reply passes when its weighted reward is at least `pass_at`."""
+    completions = generate_ids(model, renderer, [r.messages for r in rows], max_new_tokens, batch_size=batch_size)
+    total, per_func = score_completions(rewards, scorers, renderer.tok, rows, completions, 1)
+    scores = torch.nan_to_num(total, nan=0.0)
+    metrics = {"eval_reward": float(scores.mean()), "eval_pass_rate": float((scores >= pass_at).float().mean())}
+    if len(rewards) > 1:
+        for k, r in enumerate(rewards):
+            metrics[f"eval_rewards/{r.name}"] = float(torch.nanmean(per_func[:, k]))
+    return HeldOut(metrics, completions, scores.tolist(), per_func.tolist())
+
+
 class Evaluation:
     """Greedy replies to the held-out prompts: mean weighted reward and pass rate (reward >= rl.pass_at);
     each eval's prompts, replies and rewards go to samples.jsonl."""
@@ -489,21 +523,18 @@ class Evaluation:
     @torch.no_grad()
     def __call__(self, scorer, state: dict | None = None, label: str = "eval") -> dict:
         ro, rl = self.rollouts, self.cfg.rl
-        completions = generate_ids(ro.model, ro.renderer, [r.messages for r in self.rows], rl.max_new_tokens,
-                                   batch_size=self.cfg.eval.batch_size)
-        total, per_func = ro.score(self.rows, completions, 1)
-        scores = torch.nan_to_num(total, nan=0.0)
-        out = {"eval_reward": float(scores.mean()), "eval_pass_rate": float((scores >= rl.pass_at).float().mean())}
+        h = held_out(ro.model, ro.renderer, self.rows, ro.rewards, ro.scorers, rl.max_new_tokens, rl.pass_at,
+                     self.cfg.eval.batch_size)
         if self.run_dir is not None and ro.run.main:
             tok = ro.renderer.tok
             with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
                 step = (state or {}).get("step", ro.last_step)
-                for r, c, s, pf in zip(self.rows, completions, scores.tolist(), per_func.tolist()):
+                for r, c, s, pf in zip(self.rows, h.completions, h.scores, h.per_func):
                     f.write(json.dumps({"label": label, "step": step, "prompt": r.prompt,
                                         "completion": tok.decode(c, skip_special_tokens=True), "reward": s,
                                         "rewards": {w.name: (None if math.isnan(v) else v) for w, v in
                                                     zip(ro.rewards, pf)}}, ensure_ascii=False) + "\n")
-        return out
+        return h.metrics
 
 
 class Finish:
@@ -523,7 +554,22 @@ class Finish:
         return {"metric": "pass_rate", "scores": result.scores, "rewards": {"base": base, "tuned": tuned},
                 "method": self.cfg.peft.method, "trainable_parameters": self.trainable, "total_parameters": self.total}
 
-    def after_summary(self, run_dir: Path) -> None:
+    @staticmethod
+    def after_summary(run_dir: Path) -> None:
+        """report.md: the held-out greedy reward and pass rate of the starting and the tuned model."""
+        summary = json.loads((run_dir / "summary.json").read_text())
+        held = summary.get("rewards") or {}
+        lines = [f"# {run_dir.name}: reinforcement learning", "",
+                 f"{summary['steps']} steps, method {summary['method']}; stopped: {summary['stopped']}; "
+                 f"final weights: {summary['final_weights']}.", ""]
+        if held.get("base") and held.get("tuned"):
+            lines += ["Held-out prompts, greedy replies scored by the run's rewards (a reply passes when its "
+                      "weighted reward reaches rl.pass_at):", "", "| model | mean reward | pass rate |", "|---|---|---|",
+                      *[f"| {'starting model' if k == 'base' else 'tuned'} | {v['eval_reward']:.3f} | "
+                        f"{v['eval_pass_rate']:.3f} |" for k, v in held.items() if v], "",
+                      "Every eval's prompts, replies and rewards: samples.jsonl.", ""]
+        lines.append("Curves: plots/; every step's reward, KL, clip ratios, lengths and entropy: metrics.jsonl.")
+        (run_dir / "report.md").write_text("\n".join(lines) + "\n")
         write_card(run_dir)
 
 
@@ -556,10 +602,7 @@ def prepare(cfg: Config, run: Run) -> Job:
         reference = load_reference(cfg.rl.reference, cfg.model.dtype, tok).to(run.device)
     elif cfg.rl.beta and cfg.peft.method not in ("lora", "qlora"):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    scorers = {}
-    for r in rewards:
-        if r.model is not None and r.model not in scorers:
-            scorers[r.model] = Scorer(r.model, device=str(run.device))
+    scorers = reward_scorers(rewards, str(run.device))
     share = completion_sharing(cfg, [m for m in (model, reference) if m is not None], renderer, train_rows)
     torch.manual_seed(cfg.train.seed)
     model = apply_method(model, cfg.peft)

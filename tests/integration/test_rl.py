@@ -294,3 +294,35 @@ def test_prompts_longer_than_the_room_left_are_dropped_and_counted_or_stop_the_r
     assert "dropped 1 training prompts longer than data.max_length - rl.max_new_tokens = 32 tokens" in capsys.readouterr().err
     with pytest.raises(DataError, match=r"long\.jsonl:3: the prompt is \d+ tokens; with rl.max_new_tokens=8 it does not fit"):
         train(load_config(None, {**base, "data.truncation": "error", "output_dir": str(tmp_path / "b")}))
+
+
+def test_compare_on_an_rl_run_scores_base_and_tuned_with_the_runs_rewards(tmp_path, tokenizer, policy_dir):
+    """`sftkit compare BASE RL_RUN --data prompts`: greedy replies of both models scored by the run's
+    rewards, the same figures as the run's own held-out evals of the starting and the final model;
+    report.md of the run (before compare rewrites it) holds them too."""
+    rows = [{"prompt": f"Count to {i}:", "answer": str(i)} for i in range(10)]
+    data, held = write_jsonl(tmp_path / "p.jsonl", rows[:6]), write_jsonl(tmp_path / "e.jsonl", rows[6:])
+    run = tmp_path / "run"
+    train(load_config(None, {"task": "rl", "model.name": str(policy_dir), "data.train": str(data), "data.eval": str(held),
+                             "peft.r": 4, "rl.num_generations": 3, "rl.max_new_tokens": 6, "rl.pass_at": 0.2,
+                             "rl.rewards": [{"function": "tests.integration.test_rl:length_reward"},
+                                            {"function": "length", "target": 2, "unit": "tokens", "weight": 0.5}],
+                             "train.lr": 5e-2, "train.batch_size": 2, "train.max_steps": 2, "eval.reference": None,
+                             "output_dir": str(run)}))
+    summary = json.loads((run / "summary.json").read_text())
+    base, tuned = summary["rewards"]["base"], summary["rewards"]["tuned"]
+    report = (run / "report.md").read_text()
+    assert f"| starting model | {base['eval_reward']:.3f} | {base['eval_pass_rate']:.3f} |" in report
+    assert f"| tuned | {tuned['eval_reward']:.3f} | {tuned['eval_pass_rate']:.3f} |" in report
+    out = subprocess.run([sys.executable, "-m", "sftkit", "compare", str(policy_dir), str(run), "--data", str(held)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name, want in (("base", base), ("tuned", tuned)):
+        got = json.loads((run / "compare" / name / "eval.json").read_text())["metrics"]
+        assert got["reward"] == pytest.approx(want["eval_reward"], abs=1e-6), (name, got, want)
+        assert got["pass_rate"] == pytest.approx(want["eval_pass_rate"], abs=1e-6)
+        assert set(got) >= {"rewards/length_reward", "rewards/length"}
+        preds = [json.loads(x) for x in open(run / "compare" / name / "predictions.jsonl")]
+        assert [p["source"] for p in preds] == [f"{held}:{i}" for i in range(1, 5)]
+    assert "pass_rate" in out.stdout and "reward" in out.stdout
+    assert (run / "compare.png").is_file() and "pass_rate" in (run / "report.md").read_text()
