@@ -7,7 +7,7 @@ import copy
 import json
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from threading import Thread
 
@@ -89,14 +89,77 @@ def shared_prefix(encoded: list[list[int]], least: int = 8) -> int:
     return n if n >= least else 0
 
 
+def has_cache(model) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "use_cache", False)) and not getattr(config, "is_encoder_decoder", False)
+
+
 def prefix_cache(model, ids: list[int], device):
     """The KV cache of the shared prefix, computed once and copied into each batch (None where the
     model has no cache to reuse)."""
-    if not getattr(getattr(model, "config", None), "use_cache", False) or getattr(model.config, "is_encoder_decoder", False):
+    if not has_cache(model):
         return None
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([ids], device=device), use_cache=True, **{cache_argument(model): cache})
     return cache
+
+
+def batch_cache(model, prefix, ids: torch.Tensor, mask: torch.Tensor, n_shared: int, device) -> DynamicCache | None:
+    """The shared prefix's cache for a batch laid out [prefix][left padding][own tokens]. Where rows are
+    the same prompt (task: rl samples each prompt num_generations times), the prompt is run once for
+    all its copies: the cache is filled up to the last prompt token for the distinct rows and copied
+    to the others, so generate() computes only that last token per row."""
+    rows = [tuple(r) for r in ids[:, n_shared:].tolist()]
+    distinct = list(dict.fromkeys(rows))
+    if len(distinct) == len(rows) or ids.shape[1] - n_shared < 2 or not has_cache(model):
+        if prefix is None:
+            return None
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(rows))
+        return cache
+    first = [rows.index(r) for r in distinct]
+    if prefix is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(distinct))
+    m = mask[first, :-1].to(device)
+    positions = (m.cumsum(-1) - 1).clamp(min=0)[:, n_shared:]
+    model(input_ids=ids[first, n_shared:-1].to(device), attention_mask=m, position_ids=positions, use_cache=True,
+          **{cache_argument(model): cache})
+    cache.reorder_cache(torch.tensor([distinct.index(r) for r in rows], device=device))
+    return cache
+
+
+@contextmanager
+def merged_lora(model):
+    """Runs a LoRA model with each adapter folded into a copy of its base weight (W + B A scaled):
+    one matmul per layer instead of three, about a fifth faster per decoded token on a CPU. The
+    base weights are swapped back untouched afterwards (no merge and unmerge round trip), so training
+    goes on from exactly the weights it had. Models with other adapters (DoRA, quantized bases,
+    several adapters at once) run as they are."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)] if isinstance(model, PeftModel) else []
+    ok = layers and all(len(m.active_adapters) == 1 and not m.use_dora.get(m.active_adapters[0], False)
+                        and type(m.base_layer) is torch.nn.Linear and m.base_layer.weight.dtype.is_floating_point
+                        and not m.merged and not m.disable_adapters for m in layers)
+    if not ok:
+        yield
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                weight = m.base_layer.weight
+                delta = m.get_delta_weight(m.active_adapters[0]).to(weight.dtype)
+                saved.append((m, weight))
+                m.base_layer.weight = torch.nn.Parameter(weight + delta, requires_grad=False)
+        with model.disable_adapter():
+            yield
+    finally:
+        for m, weight in saved:
+            m.base_layer.weight = weight
 
 
 @torch.no_grad()
@@ -112,8 +175,8 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
 @torch.no_grad()
 def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
                  batch_size: int = 16, progress=None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, reuse_prefix: bool = True, row_seeds: list[int] | None = None
-                 ) -> list[list[int]]:
+                 seed: int | None = None, reuse_prefix: bool = True, row_seeds: list[int] | None = None,
+                 fast: bool = True) -> list[list[int]]:
     """The replies' token ids, each up to and including its first end-of-turn token (or max_new_tokens
     long where it did not end): exactly the tokens sampled, for a loss on them (task: rl). With
     `row_seeds` (one per prompt) and a temperature, each reply is sampled from its own seed
@@ -121,7 +184,10 @@ def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]],
 
     The prefix all prompts share (system message, few-shot examples) is run once and its KV cache
     reused by every batch: rows are laid out as [prefix][left padding][own tokens], positions
-    counted over the real tokens only, so each row sees what it would see alone."""
+    counted over the real tokens only, so each row sees what it would see alone. Copies of one prompt
+    in a batch share one prompt pass (batch_cache). `fast`: a LoRA model decodes with its adapters
+    folded into copies of the weights (merged_lora): the same replies up to float rounding, the
+    model's weights untouched."""
     tok = renderer.tok
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was_training = model.training
@@ -129,6 +195,16 @@ def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]],
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
+    with merged_lora(model) if fast else nullcontext():
+        replies = _generate_ids(model, renderer, prompts, max_new_tokens, batch_size, progress, temperature, top_p,
+                                reuse_prefix, row_seeds, pad, device)
+    model.train(was_training)
+    return replies
+
+
+def _generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+                  batch_size: int, progress, temperature: float, top_p: float, reuse_prefix: bool,
+                  row_seeds: list[int] | None, pad: int, device) -> list[list[int]]:
     encoded = [renderer.prompt_ids(p) for p in prompts]
     n_shared = shared_prefix(encoded) if reuse_prefix else 0
     cache = prefix_cache(model, encoded[0][:n_shared], device) if n_shared else None
@@ -150,9 +226,9 @@ def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]],
             ids[row, width - len(own[i]):] = torch.tensor(own[i])
             mask[row, width - len(own[i]):] = 1
         extra = {}
-        if cache is not None:
-            extra[cache_argument(model)] = copy.deepcopy(cache)
-            extra[cache_argument(model)].batch_repeat_interleave(len(idx))
+        own_cache = batch_cache(model, cache, ids, mask, n_shared, device)
+        if own_cache is not None:
+            extra[cache_argument(model)] = own_cache
         if row_seeds is not None and temperature and temperature > 0:
             sampler = RowSampler([row_seeds[i] for i in idx], temperature, top_p, device)
             extra["logits_processor"] = LogitsProcessorList([sampler])
@@ -167,7 +243,6 @@ def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]],
             replies[i] = out[: stop + 1] if stop is not None else out
         if progress is not None:
             progress(len(idx))
-    model.train(was_training)
     return [replies[i] for i in range(len(prompts))]
 
 

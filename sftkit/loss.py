@@ -99,8 +99,10 @@ class FrozenHeadLogp(torch.autograd.Function):
     the forward pass, so no logits are kept; backward scales each position's row by its incoming gradient."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, entropy: list | None = None):
         logits = F.linear(hidden, weight).float()
+        if entropy is not None:  # the distributions' entropy from the same logits (no second head pass)
+            entropy.append(_entropy(logits))
         lse, target_logit = _softmax_minus_onehot(logits, targets)
         ctx.save_for_backward(logits.to(hidden.dtype) @ weight)
         return target_logit - lse
@@ -108,7 +110,7 @@ class FrozenHeadLogp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp):
         (minus_grad,) = ctx.saved_tensors
-        return minus_grad * -grad_logp[:, None].to(minus_grad.dtype), None, None
+        return minus_grad * -grad_logp[:, None].to(minus_grad.dtype), None, None, None
 
 
 def frozen_plain_head(head: torch.nn.Module) -> bool:
@@ -378,8 +380,9 @@ def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0,
         t = targets[keep]
         if torch.is_grad_enabled() and hidden.requires_grad and frozen_plain_head(head):
             # LoRA and friends: the head's gradient taken in its forward pass, no logits kept
-            parts = [FrozenHeadLogp.apply(hidden[i : i + chunk], head.weight, t[i : i + chunk])
+            parts = [FrozenHeadLogp.apply(hidden[i : i + chunk], head.weight, t[i : i + chunk], entropy)
                      for i in range(0, len(hidden), chunk)]
+            entropy = None  # taken in the same pass
         elif not torch.is_grad_enabled():  # a reference, the old policy, evaluation: no logits kept at all
             parts = [target_logps(head(hidden[i : i + chunk]).float(), t[i : i + chunk]) for i in range(0, len(hidden), chunk)]
         else:

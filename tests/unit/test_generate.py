@@ -129,3 +129,70 @@ def test_the_row_sampler_draws_from_the_tempered_nucleus():
     got = torch.bincount(draws, minlength=5).float() / n
     assert torch.allclose(got, want, atol=0.01), (got, want)
     assert got[~keep].sum() == 0
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_copies_of_a_prompt_share_one_prompt_pass_and_get_the_replies_they_get_alone(tokenizer, reuse_prefix):
+    """task: rl samples each prompt num_generations times in one batch: the prompt is run once for
+    all its copies (with or without a shared prefix cached), each copy still sampled from its own seed."""
+    from sftkit.generate import generate_ids
+
+    model = sharpened(tokenizer)
+    renderer = Renderer(tokenizer, "auto", 512, "auto", "truncate")
+    prompts = [[{"role": "user", "content": q}] for q in ("Count to five", "Name a colour please")]
+    batch = [p for p in prompts for _ in range(4)]
+    seeds = list(range(100, 108))
+    kw = dict(temperature=1.3, top_p=0.95, reuse_prefix=reuse_prefix)
+    together = generate_ids(model, renderer, batch, 10, batch_size=8, row_seeds=seeds, **kw)
+    assert len(set(map(tuple, together))) > 2, together  # the seeds give different samples
+    for i in range(8):
+        assert generate_ids(model, renderer, [batch[i]], 10, row_seeds=[seeds[i]], **kw) == [together[i]]
+
+    fed = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].numel()))
+    generate_ids(model, renderer, [prompts[0]] * 6, 1, batch_size=6, row_seeds=list(range(6)), **kw)
+    hook.remove()
+    n = len(renderer.prompt_ids(prompts[0]))
+    assert sum(fed) == (n - 1) + 6, fed  # the prompt once (but its last token), then one token per copy
+
+
+def test_a_lora_model_decodes_with_its_adapter_folded_in_and_its_weights_untouched(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from sftkit.generate import generate_ids
+    from sftkit.lora import use_fused_lora
+
+    base = sharpened(tokenizer)
+    renderer = Renderer(tokenizer, "auto", 512, "auto", "truncate")
+    prompts = [[{"role": "user", "content": q}] for q in ("Count to five", "Name a colour", "Hi", "What is 2+2?")]
+    plain = generate_ids(base, renderer, prompts, 12, batch_size=4)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    use_fused_lora(config)
+    model = get_peft_model(base, config)
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = set()  # per call of an adapted layer: (adapter run beside the weight, weight the original one)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    original = {id(m): m.base_layer.weight for m in layers}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.add((not m.disable_adapters,
+                                                                m.base_layer.weight is original[id(m)])))
+             for m in layers]
+    unmerged = generate_ids(model, renderer, prompts, 12, batch_size=4, fast=False)
+    assert unmerged != plain  # the adapter changes the replies, so leaving it out would show
+    assert seen == {(True, True)}
+    seen.clear()
+    assert generate_ids(model, renderer, prompts, 12, batch_size=4) == unmerged
+    assert seen == {(False, False)}, "the adapters are folded into copies of the weights, not run beside them"
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p is not None for p in model.parameters())
+    with model.disable_adapter():  # the reference (adapter off) is not merged into
+        assert generate_ids(model, renderer, prompts, 12, batch_size=4) == plain
+    model.train()
+    out = model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]]))
+    out.loss.backward()  # training goes on through the adapter, which still gets its gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
