@@ -180,15 +180,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--best-of N needs N >= 2 and --reward REWARD_RUN (the reward model that picks)")
     check_inputs({"model": args.model, "--adapter": args.adapter, "--reward": args.reward}, {"--input": args.input})
     from .data import renderer_for
-    from .generate import best_of_n, generate_file, load_for_inference, read_prompts
+    from .generate import best_of_n, generate_file, load_for_inference, read_prompts, read_tools
 
     rows = read_prompts(args.input)  # a bad row stops here, before the model loads
+    tools = read_tools(args.tools) if args.tools else None
     model, tok, data_cfg = load_for_inference(args.model, args.adapter)
     renderer = renderer_for(data_cfg, tok)
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                top_p=args.top_p, seed=args.seed)
     if not args.reward:
-        n = generate_file(model, renderer, rows, args.output, **gen)
+        n = generate_file(model, renderer, rows, args.output, tools=tools, **gen)
         print(f"wrote {n} replies to {args.output}")
         return 0
     from .tasks.reward import Scorer
@@ -217,12 +218,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     check_inputs({"model": args.model, "--adapter": args.adapter})
-    from .generate import chat, load_for_inference
+    from .generate import chat, load_for_inference, read_tools
 
+    tools = read_tools(args.tools) if args.tools else None
     model, tok, data_cfg = load_for_inference(args.model, args.adapter)
     if args.system:
         data_cfg.system = args.system
-    chat(model, tok, data_cfg, args.max_new_tokens, args.temperature, args.top_p)
+    chat(model, tok, data_cfg, args.max_new_tokens, args.temperature, args.top_p, tools=tools)
     return 0
 
 
@@ -399,6 +401,9 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         A("--best-of", type=int, default=1, metavar="N", help="sample N replies per prompt, keep the best by --reward"),
         A("--reward", metavar="REWARD_RUN", help="a reward model (task: reward run) that scores the N replies"),
         A("--pairs-out", metavar="FILE.jsonl", help="with --best-of: write best vs worst as preference pairs"),
+        A("--tools", metavar="TOOLS.json", help="function definitions (a JSON list) the template is given for rows "
+                                                 "without a `tools` column; the calls in each reply are parsed into "
+                                                 "`tool_calls`"),
         *GENERATION,
     ]),
     ('score',): Command(cmd_score, "a reward model's score for each prompt + reply", [
@@ -411,6 +416,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         A("model", help="alias, model directory, run directory, or base model with --adapter"),
         A("--adapter", help="a PEFT adapter directory to apply to MODEL"),
         A("--system", help="system message"),
+        A("--tools", metavar="TOOLS.json", help="function definitions (a JSON list) the template is given; tool "
+                                                 "calls in replies are printed parsed"),
         A("--max-new-tokens", type=int, default=256, help="most tokens a reply may have (default 256)"),
         A("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)"),
         A("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens up to this mass"),

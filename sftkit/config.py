@@ -32,14 +32,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str | list[Any] | None = None  # file, folder or hub dataset; or a list of them / {path, weight} to mix
-    eval: str | None = None  # held-out data in the same format; eval loss and eval metrics use it
+    eval: str | dict[str, str] | None = None  # held-out data in the same format; or {name: path, ...}: named sets, each scored on its own (eval/<name>/...), selected by their mean or eval.select: NAME
     eval_fraction: float = 0.0  # without data.eval: hold out this fraction of data.train (split by train.seed)
     format: str = "auto"  # auto | text | prompt_completion | messages | sharegpt | alpaca
     columns: dict[str, str] = field(default_factory=dict)  # our field -> the data's column, e.g. {output: response}
     max_length: int = 1024  # longest sample in tokens
     pack: bool = False  # pack several examples per row (best-fit) up to max_length; they never attend to each other
     share_prefix: bool = True  # packed, on CPU: the untrained opening a pass's examples share (system message) is computed once
-    truncation: str = "truncate"  # truncate (prompt from the left first, then the reply's tail) | drop | error
+    truncation: str = "truncate"  # truncate (prompt from the left first, then the reply's tail; a text row is split into blocks) | drop | error
+    reasoning: str = "train"  # assistant reasoning traces (reasoning_content, or <think>...</think> in content): train | mask (kept in the text, not trained) | drop
+    chunk_overlap: int = 0  # a text row longer than max_length: tokens of each block repeated, untrained, at the start of the next
     mask: str = "auto"  # auto | completion | assistant | last_assistant | none (train on every token)
     template: str = "auto"  # auto = tokenizer's chat template | plain | chatml | llama-3 | alpaca | path.jinja
     system: str | None = None  # system message added to every conversation that has none
@@ -92,6 +94,7 @@ class TrainConfig:
     group_by_length: bool = True  # unpacked batches: put examples of similar length together so little is padded
     kl_to_base: float = 0.0  # forgetting guard: add this times KL(base || tuned) on trained tokens; 0 = off
     checkpointing: bool = False  # gradient checkpointing: less memory, about a third more compute
+    neftune_alpha: float = 0.0  # NEFTune (task: sft): uniform noise of alpha / sqrt(length x hidden) on the input embeddings, in training only; 0 = off (the paper tried 5-15)
     distill: DistillConfig = field(default_factory=DistillConfig)  # learn the teacher's next-token distributions
 
 
@@ -103,6 +106,7 @@ class EvalConfig:
     max_new_tokens: int = 64  # generation length limit
     batch_size: int = 16  # prompts per generation batch
     limit: int = 0  # score only the first N eval rows; 0 = all
+    select: str = "eval_loss"  # what picks the best eval and drives early stopping: eval_loss | eval_accuracy | a generation metric (exact_match, token_f1, module:function; needs eval.generate, scored at every eval); with named eval sets the mean over them, or NAME (its eval_loss) or NAME/METRIC
     reference: str | None = "builtin"  # general text whose perplexity measures forgetting; builtin = bundled public-domain passages; null = off
 
 

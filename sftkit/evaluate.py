@@ -21,7 +21,7 @@ from .data.render import build_examples
 from .data.sources import DataError
 from .generate import generate
 from .loss import TokenLoss, token_loss
-from .metrics import classification_report, is_label_set, metric_fn
+from .metrics import calls_text, classification_report, is_label_set, metric_fn
 
 
 # -- a whole evaluation ---------------------------------------------------------------------------
@@ -102,6 +102,14 @@ def _passes(order: list[int], lengths: list[int], budget: int) -> list[list[int]
     return out
 
 
+def reference_reply(message: dict) -> str:
+    """The text a generated reply is scored against: the reply's content, and its tool calls as the
+    Hermes layout writes them (what the `tool_call` metric parses)."""
+    if not message.get("tool_calls"):
+        return message["content"]
+    return "\n".join(x for x in (message["content"].strip(), calls_text(message["tool_calls"])) if x)
+
+
 def check_references(rows: list) -> None:
     """Generation scores the model's reply against the row's last message, which must be a reply."""
     for r in rows:
@@ -128,9 +136,11 @@ def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: boo
         prompts = [r.messages[:-1] for r in gen_rows]
         if shots:
             prompts = [few_shot_prompt(p, shots) for p in prompts]
-        refs = [r.messages[-1]["content"] for r in gen_rows]
+        refs = [reference_reply(r.messages[-1]) for r in gen_rows]
+        tools = [r.tools for r in gen_rows] if any(r.tools for r in gen_rows) else None
         with tqdm(total=len(prompts), desc=f"generate ({label})", file=sys.stderr, leave=False) as bar:
-            preds = generate(model, renderer, prompts, max_new_tokens, batch_size, bar.update, **(sampling or {}))
+            preds = generate(model, renderer, prompts, max_new_tokens, batch_size, bar.update, tools=tools,
+                             **(sampling or {}))
         fns = {m: metric_fn(m) for m in metrics}
         for r, prompt, ref, pred in zip(gen_rows, prompts, refs, preds):
             row_scores = {m: float(f(pred, ref)) for m, f in fns.items()}

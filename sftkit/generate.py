@@ -20,7 +20,8 @@ from .compat import cache_argument
 from .config import Config, ConfigError, DataConfig, load_config
 from .data import renderer_for
 from .data.render import Renderer
-from .data.sources import DataError, read_source
+from .data.sources import DataError, Normaliser, read_source
+from .metrics import parse_tool_calls
 from .models import load_model
 from .rundir import final_model_dir
 
@@ -165,10 +166,11 @@ def merged_lora(model):
 @torch.no_grad()
 def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
              batch_size: int = 16, progress=None, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, reuse_prefix: bool = True) -> list[str]:
-    """Replies to conversations that end with a user turn, as text; each stops at its end-of-turn token."""
+             seed: int | None = None, reuse_prefix: bool = True, tools: list | None = None) -> list[str]:
+    """Replies to conversations that end with a user turn, as text; each stops at its end-of-turn token.
+    `tools`: per prompt, the tool definitions the template is given (None where a prompt has none)."""
     ids = generate_ids(model, renderer, prompts, max_new_tokens, batch_size, progress, temperature, top_p, seed,
-                       reuse_prefix)
+                       reuse_prefix, tools=tools)
     return [renderer.tok.decode(x, skip_special_tokens=True) for x in ids]
 
 
@@ -176,7 +178,7 @@ def generate(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max
 def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
                  batch_size: int = 16, progress=None, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, reuse_prefix: bool = True, row_seeds: list[int] | None = None,
-                 fast: bool = True) -> list[list[int]]:
+                 fast: bool = True, tools: list | None = None) -> list[list[int]]:
     """The replies' token ids, each up to and including its first end-of-turn token (or max_new_tokens
     long where it did not end): exactly the tokens sampled, for a loss on them (task: rl). With
     `row_seeds` (one per prompt) and a temperature, each reply is sampled from its own seed
@@ -196,16 +198,16 @@ def generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]],
         torch.manual_seed(seed)
     device = next(model.parameters()).device
     with merged_lora(model) if fast else nullcontext():
-        replies = _generate_ids(model, renderer, prompts, max_new_tokens, batch_size, progress, temperature, top_p,
+        encoded = [renderer.prompt_ids(p, tools[i] if tools else None) for i, p in enumerate(prompts)]
+        replies = _generate_ids(model, renderer, encoded, max_new_tokens, batch_size, progress, temperature, top_p,
                                 reuse_prefix, row_seeds, pad, device)
     model.train(was_training)
     return replies
 
 
-def _generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+def _generate_ids(model, renderer: Renderer, encoded: list[list[int]], max_new_tokens: int,
                   batch_size: int, progress, temperature: float, top_p: float, reuse_prefix: bool,
                   row_seeds: list[int] | None, pad: int, device) -> list[list[int]]:
-    encoded = [renderer.prompt_ids(p) for p in prompts]
     n_shared = shared_prefix(encoded) if reuse_prefix else 0
     cache = prefix_cache(model, encoded[0][:n_shared], device) if n_shared else None
     n_shared = n_shared if cache is not None else 0
@@ -243,12 +245,13 @@ def _generate_ids(model, renderer: Renderer, prompts: list[list[dict[str, str]]]
             replies[i] = out[: stop + 1] if stop is not None else out
         if progress is not None:
             progress(len(idx))
-    return [replies[i] for i in range(len(prompts))]
+    return [replies[i] for i in range(len(encoded))]
 
 
 def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-         stdin=None, stdout=None) -> None:
-    """Interactive chat that streams tokens. Commands: /reset, /system TEXT, /exit."""
+         stdin=None, stdout=None, tools: list[dict] | None = None) -> None:
+    """Interactive chat that streams tokens. Commands: /reset, /system TEXT, /exit. With `tools`, the
+    template is given them and each tool call in a reply is printed parsed."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     renderer = renderer_for(data_cfg, tok)
     system = data_cfg.system
@@ -277,7 +280,7 @@ def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperatur
             continue
         history.append({"role": "user", "content": text})
         msgs = ([{"role": "system", "content": system}] if system else []) + history
-        ids = torch.tensor([renderer.prompt_ids(msgs)], device=device)
+        ids = torch.tensor([renderer.prompt_ids(msgs, tools)], device=device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                       eos_token_id=sorted(renderer.end_ids), pad_token_id=tok.pad_token_id, streamer=streamer,
@@ -291,6 +294,12 @@ def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperatur
             print(piece, end="", file=stdout, flush=True)
         worker.join()
         print(file=stdout)
+        if tools:
+            calls, bad = parse_tool_calls(reply)
+            for c in calls:
+                print(f"(tool call: {c['name']} {json.dumps(c['arguments'], ensure_ascii=False)})", file=stdout)
+            for b in bad:
+                print(f"(not a tool call: {b!r})", file=stdout)
         history.append({"role": "assistant", "content": reply.strip()})
 
 
@@ -302,8 +311,8 @@ def prompt_of(obj, path: str, line: int) -> list[dict[str, str]]:
         msgs = [m for m in obj["messages"] if isinstance(m, dict)]
         while msgs and msgs[-1].get("role") == "assistant":
             msgs = msgs[:-1]
-        if msgs and msgs[-1].get("role") == "user":
-            return [{"role": m["role"], "content": m["content"]} for m in msgs]
+        if msgs and msgs[-1].get("role") in ("user", "tool"):  # a tool's result: the reply goes on from it
+            return Normaliser(path).raw_messages(msgs, line, "messages")
     elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
         return [{"role": "user", "content": obj["prompt"]}]
     elif isinstance(obj, dict) and isinstance(obj.get("prompt"), list):
@@ -317,20 +326,52 @@ def read_prompts(path: str) -> list[tuple[dict, list[dict[str, str]]]]:
     for line, obj in read_source(path):
         if isinstance(obj, DataError):
             raise obj
+        row_tools(obj, path, line)  # a bad `tools` column stops here too
         out.append((obj, prompt_of(obj, path, line)))
     return out
 
 
 def generate_file(model, renderer: Renderer, rows: list[tuple[dict, list]], output: str, max_new_tokens: int,
-                  batch_size: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> int:
-    """Each row plus `generated` (its reply) into `output` (JSONL); returns the rows written."""
+                  batch_size: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                  tools: list[dict] | None = None) -> int:
+    """Each row plus `generated` (its reply) into `output` (JSONL); returns the rows written. The
+    template is given a row's own `tools` column, else `tools` (--tools); where it has tools, the
+    row also gets `tool_calls`, the calls parsed from its reply (and `tool_call_errors`, blocks that are not)."""
+    per_row = [row_tools(obj, "input", i + 1) or tools for i, (obj, _) in enumerate(rows)]  # read_prompts checked them
     with tqdm(total=len(rows), desc="generate", file=sys.stderr) as bar:
         replies = generate(model, renderer, [p for _, p in rows], max_new_tokens, batch_size, bar.update,
-                           temperature=temperature, top_p=top_p, seed=seed)
+                           temperature=temperature, top_p=top_p, seed=seed,
+                           tools=per_row if any(per_row) else None)
     with open(output, "w", encoding="utf-8") as f:
-        for (obj, _), reply in zip(rows, replies):
-            f.write(json.dumps({**obj, "generated": reply}, ensure_ascii=False) + "\n")
+        for (obj, _), reply, t in zip(rows, replies, per_row):
+            out = {**obj, "generated": reply}
+            if t:
+                out["tool_calls"], bad = parse_tool_calls(reply)
+                if bad:
+                    out["tool_call_errors"] = bad
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
     return len(replies)
+
+
+def row_tools(obj, path: str, line: int) -> list[dict] | None:
+    """A prompt row's `tools` column (a list, or its JSON string), read as the training data's is."""
+    if not isinstance(obj, dict) or obj.get("tools") in (None, "", []):
+        return None
+    return Normaliser(path).tools_of(obj, line)
+
+
+def read_tools(path: str) -> list[dict]:
+    """--tools FILE: a JSON list of function definitions."""
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--tools: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--tools: {path}:{e.lineno}: not JSON: {e.msg}") from None
+    try:
+        return Normaliser(path).tools_of({"tools": tools}, 1)
+    except DataError as e:
+        raise ConfigError(f"--tools: {e}") from None
 
 
 def best_of_n(model, renderer: Renderer, rows: list[tuple[dict, list]], score: Callable[[list], list[float]],

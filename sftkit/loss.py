@@ -10,6 +10,7 @@ optimizer step (all micro-batches, all processes).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -398,6 +399,34 @@ def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0,
     return torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0], rows
 
 
+class NEFTune:
+    """NEFTune (Jain et al. 2023): while the model trains, its input embeddings get uniform noise in
+    [-1, 1] scaled by alpha / sqrt(L * d), L the sequence's length and d the hidden size; never at
+    eval or generation (the hook looks at the embedding module's training flag). A padded batch
+    takes L as its padded width, as transformers' Trainer (and so TRL) does; in a packed row each
+    example's positions take L from that example's own length, as the paper defines it (one L for
+    the whole packed row would shrink every example's noise by how full the row is)."""
+
+    def __init__(self, model: torch.nn.Module, alpha: float):
+        self.alpha = alpha
+        self.segments: torch.Tensor | None = None  # cu_seq_lens of the packed row being computed
+        self.handle = model.get_input_embeddings().register_forward_hook(self)
+
+    def __call__(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        d = output.shape[-1]
+        if self.segments is not None and output.shape[0] == 1:
+            lengths = self.segments.diff().to(output.device).long()
+            per_token = torch.repeat_interleave(self.alpha / torch.sqrt(lengths.double() * d), lengths)
+            scale = output.new_zeros(output.shape[1])  # padding after the examples (if any) gets none
+            scale[: len(per_token)] = per_token.to(output.dtype)
+            scale = scale[None, :, None]
+        else:
+            scale = self.alpha / math.sqrt(output.shape[1] * d)
+        return output + torch.empty_like(output).uniform_(-1, 1) * scale
+
+
 class TokenLoss(torch.nn.Module):
     """The model plus its loss as one module, so DDP (which hooks `forward`) sees the whole step.
 
@@ -406,9 +435,11 @@ class TokenLoss(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = 1024, kl_coef: float = 0.0,
-                 frozen_base: torch.nn.Module | None = None, distill: Distill | None = None):
+                 frozen_base: torch.nn.Module | None = None, distill: Distill | None = None,
+                 neftune: NEFTune | None = None):
         super().__init__()
         self.model = model
+        self._neftune = [neftune]
         self.chunk_size = chunk_size
         self.kl_coef = kl_coef
         # Kept out of the module tree: DDP and the optimizer must not see the frozen copy or the teacher.
@@ -418,6 +449,8 @@ class TokenLoss(torch.nn.Module):
     def forward(self, **batch: torch.Tensor):
         # The teacher shapes the training loss only: an eval pass (no gradients) scores the plain NLL.
         distill = self._distill[0] if torch.is_grad_enabled() else None
+        if self._neftune[0] is not None:
+            self._neftune[0].segments = batch.get("cu_seq_lens_q")
         sums = token_loss(self.model, batch, self.chunk_size, self.kl_coef, self._frozen[0], distill)
         if sums.parts is not None:  # the engine logs each per trained token: `nll` and `distill`
             return sums.loss, torch.tensor(sums.tokens), {"nll": sums.parts[0], "distill": sums.parts[1]}

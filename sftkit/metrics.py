@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import re
 import string
 import sys
@@ -70,9 +71,51 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> tuple[list[dict], list[str]]:
+    """The tool calls in a reply, as the Hermes / Qwen layout writes them (`<tool_call>{"name": ...,
+    "arguments": {...}}</tool_call>`, one block per call): ([{name, arguments}], the blocks that are
+    not a call, as text)."""
+    calls, bad = [], []
+    for block in TOOL_CALL.findall(text):
+        try:
+            obj = json.loads(block)
+        except json.JSONDecodeError:
+            bad.append(block)
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            args = obj.get("arguments", {})
+            if isinstance(args, str):  # some models write the arguments as a JSON string
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError:
+                    pass
+            calls.append({"name": obj["name"], "arguments": args})
+        else:
+            bad.append(block)
+    return calls, bad
+
+
+def calls_text(tool_calls: list[dict]) -> str:
+    """Tool calls (messages' `tool_calls`) in the layout parse_tool_calls reads: a reference reply's calls as text."""
+    return "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                                  ensure_ascii=False) + "\n</tool_call>" for c in tool_calls)
+
+
+def tool_call(prediction: str, reference: str) -> float:
+    """1 when the reply calls the reference's tools with its arguments (each call's name and arguments
+    equal, in order; every block a valid call), else 0. A reference without calls: 1 when the reply
+    makes none."""
+    want, _ = parse_tool_calls(reference)
+    got, bad = parse_tool_calls(prediction)
+    return float(not bad and got == want)
+
+
 METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match, "exact_match_strict": exact_match_strict, "exact_match_loose": exact_match_loose,
-    "token_f1": token_f1, "rouge_l": rouge_l,
+    "token_f1": token_f1, "rouge_l": rouge_l, "tool_call": tool_call,
 }
 
 

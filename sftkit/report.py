@@ -92,7 +92,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_loss(run_dir: Path) -> Path | None:
-    """plots/loss.png: train and eval loss against step (and a distillation's NLL and divergence terms)."""
+    """plots/loss.png: train and eval loss against step (each named eval set's too, and a distillation's
+    NLL and divergence terms)."""
     records = read_metrics(run_dir)
     if not records:
         return None
@@ -106,8 +107,12 @@ def plot_loss(run_dir: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
+    sets = sorted({k.split("/")[1] for r in records for k in r if k.startswith("eval/") and k.endswith("/eval_loss")})
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals), "o-", label="eval loss" + (" (mean of the sets)" if sets else ""))
+    for name in sets:  # named eval sets (data.eval as a mapping): one curve each
+        part = [(r["step"], r[f"eval/{name}/eval_loss"]) for r in records if f"eval/{name}/eval_loss" in r]
+        ax.plot(*zip(*part), ".:", label=f"eval loss: {name}", linewidth=1)
     # Distillation: the loss is a blend; its two terms (each per trained token, unweighted) beside it.
     for key, label in (("nll", "train NLL"), ("distill", "distillation term")):
         part = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]

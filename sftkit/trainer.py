@@ -102,6 +102,9 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
     check_precision(cfg)
     require_loggers(cfg)
+    if isinstance(cfg.data.eval, dict) and cfg.task != "sft":
+        raise ConfigError(f"data.eval: named eval sets ({{name: path}}) are for task: sft; task: {cfg.task} takes one "
+                          "path")
     task = TASKS[cfg.task]
     if hasattr(task, "check"):  # the task's own config checks, before anything is written
         task.check(cfg)

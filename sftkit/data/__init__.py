@@ -6,13 +6,14 @@ evaluation all take it, so a row is rendered the same way everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from importlib.resources import files
 
 from ..config import DataConfig
 from .render import Example, Renderer, RenderStats, build_examples
-from .sources import DataError, ReadStats, Row, load_rows, mix, parse_sources, split_eval
+from .sources import DataError, ReadStats, Row, eval_sources, load_rows, mix, named_sources, split_eval
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Prepared:
     train_stats: RenderStats
     eval_stats: RenderStats | None
     read_stats: ReadStats = field(default_factory=ReadStats)  # rows read and skipped (on_error=skip)
+    eval_sets: dict[str, tuple[list[Example], list[Row]]] = field(default_factory=dict)  # named sets: (examples, rows)
 
     def summary(self) -> list[str]:
         lines = []
@@ -38,20 +40,24 @@ class Prepared:
 
 def read(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row], ReadStats]:
     """Training and held-out rows as the config describes them (mix, split), before tokenization."""
-    sources = parse_sources(cfg.train)
+    sources = named_sources(cfg.train)
     if not sources:
         raise DataError("data.train is not set: give a training file (data.train=path/to/train.jsonl)")
     stats = ReadStats()
-    groups = [(load_rows(path, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats), w) for path, w in sources]
+    groups = [(load_rows(path, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats), w) for path, w, _ in sources]
     held: list[Row] = []
     if cfg.eval:
-        held = load_rows(cfg.eval, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats, split="validation")
+        for path, name in eval_sources(cfg.eval):
+            rows = load_rows(path, cfg.format, cfg.columns, cfg.system, cfg.on_error, stats, split="validation")
+            held += [dataclasses.replace(r, eval_set=name) for r in rows] if name else rows
     elif cfg.eval_fraction > 0:
         # Each source is split before mixing, so that repeating a source (weight 2) cannot put a row
-        # on both sides, and replay text is added to the training side only.
+        # on both sides, and replay text is added to the training side only. A named source's
+        # held-out rows are an eval set of that name.
         split = [(split_eval(rows, cfg.eval_fraction, seed), w) for rows, w in groups]
         groups = [(tr, w) for (tr, _), w in split]
-        held = [r for (_, ev), _ in split for r in ev]
+        held = [dataclasses.replace(r, eval_set=name) if name else r
+                for ((_, ev), _), (_, _, name) in zip(split, sources) for r in ev]
     train = mix(groups, seed) if len(groups) > 1 or groups[0][1] != 1.0 else groups[0][0]
     if cfg.replay:
         train = train + replay_rows(cfg.replay, len(train), seed)
@@ -85,11 +91,19 @@ def prepare(cfg: DataConfig, seed: int, renderer: Renderer) -> Prepared:
     train_rows, eval_rows, read_stats = read(cfg, seed)
     train, train_stats = build_examples(train_rows, renderer)
     eval_ex, eval_stats = build_examples(eval_rows, renderer) if eval_rows else ([], None)
-    return Prepared(train, eval_ex, train_rows, eval_rows, train_stats, eval_stats, read_stats)
+    sets: dict[str, tuple[list[Example], list[Row]]] = {}
+    names = list(dict.fromkeys(r.eval_set for r in eval_rows if r.eval_set))
+    if names and any(r.eval_set is None for r in eval_rows):
+        names.append("other")  # held-out rows of unnamed sources, beside the named ones
+    for name in names:
+        rows = [r for r in eval_rows if (r.eval_set or "other") == name]
+        sets[name] = (build_examples(rows, renderer)[0], rows)
+    return Prepared(train, eval_ex, train_rows, eval_rows, train_stats, eval_stats, read_stats, sets)
 
 
 def renderer_for(cfg: DataConfig, tokenizer) -> Renderer:
-    return Renderer(tokenizer, cfg.template, cfg.max_length, cfg.mask, cfg.truncation, cfg.system)
+    return Renderer(tokenizer, cfg.template, cfg.max_length, cfg.mask, cfg.truncation, cfg.system, cfg.chunk_overlap,
+                    cfg.reasoning)
 
 
 __all__ = ["DataError", "Example", "Prepared", "Renderer", "Row", "prepare", "read", "renderer_for"]

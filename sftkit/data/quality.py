@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .render import IGNORE, Example
-from .sources import DataError, ReadStats, Row, load_rows, parse_sources
+from .sources import DataError, ReadStats, Row, eval_sources, load_rows, parse_sources
 
 GREEN, RESET = "\x1b[42;30m", "\x1b[0m"
 
@@ -342,7 +342,8 @@ def plan_clean(cfg, kinds: set[str], near_threshold: float = 0.8):
         raise DataError("data.train is not set: give the training file to clean (data.train=path/to/train.jsonl)")
     stats = ReadStats()
     rows = [r for path, _ in dict.fromkeys(sources) for r in load_rows(path, d.format, d.columns, d.system, "skip", stats)]
-    tests = load_rows(d.eval, d.format, d.columns, d.system, "skip", ReadStats(), split="validation") if d.eval else []
+    tests = [r for path, _ in eval_sources(d.eval)
+             for r in load_rows(path, d.format, d.columns, d.system, "skip", ReadStats(), split="validation")]
     q = analyse(rows, tests, load_tokenizer(cfg.model.name, cfg.model.revision), d.max_length, near_threshold,
                 diversity=False)
     return rows, stats, q.removals(kinds)

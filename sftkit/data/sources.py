@@ -26,10 +26,12 @@ from typing import Any
 
 from ..job import log
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("text", "prompt_completion", "messages", "sharegpt", "alpaca")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  # ShareGPT's function-call variants (LLaMA-Factory, Glaive, ToolACE): a call, then its result
+                  "function_call": "assistant", "observation": "tool", "tool": "tool", "function_response": "tool"}
 
 
 class DataError(ValueError):
@@ -52,6 +54,9 @@ class Row:
     n_prompt: int = 0  # prompt/completion rows: how many messages belong to the prompt
     text: str | None = None  # text rows: the whole text
     raw: Any = field(default=None, repr=False)  # the row as read, for `data clean` to write back unchanged
+    tools: list[dict] | None = None  # the `tools` column: JSON-schema function definitions the template is given
+    trained: list[int] | None = None  # the assistant turns to train, where a row was expanded into one example per turn
+    eval_set: str | None = None  # the named held-out set (data.eval as a mapping, or a named data.train source) it is in
 
 
 @dataclass
@@ -279,6 +284,7 @@ class Normaliser:
         if self.system is not None and row.messages[0]["role"] != "system":
             row.messages.insert(0, {"role": "system", "content": self.system})
             row.n_prompt += 1 if row.n_prompt else 0
+        row.tools = self.tools_of(obj, line)
         return row
 
     def _detect(self, obj: dict, line: int) -> str:
@@ -297,7 +303,7 @@ class Normaliser:
                     raise self._err(line, col, "empty reply", "empty reply")
                 parts.append([{"role": role, "content": v}])
             elif isinstance(v, list):
-                parts.append(self._raw_messages(v, line, col))
+                parts.append(self.raw_messages(v, line, col))
             else:
                 raise self._err(line, col, f"expected a string or a list of messages, got {type(v).__name__}", "wrong type")
         msgs = parts[0] + parts[1]
@@ -314,7 +320,7 @@ class Normaliser:
         self._check_messages(msgs, line, name, lambda i: name(i) if strings[i >= n_prompt] else f"{name(i)}.content")
         return Row(msgs, self.source, line, "prompt_completion", n_prompt=n_prompt)
 
-    def _raw_messages(self, v: Any, line: int, col: str) -> list[dict[str, str]]:
+    def raw_messages(self, v: Any, line: int, col: str) -> list[dict[str, Any]]:
         out = []
         for i, m in enumerate(v):
             if not isinstance(m, dict):
@@ -323,16 +329,76 @@ class Normaliser:
             if role not in ROLES:
                 raise self._err(line, f"{col}[{i}].role",
                                 f"unknown role {role!r} (expected one of {', '.join(ROLES)})", "unknown role")
+            if content is None and role == "assistant" and m.get("tool_calls"):
+                content = ""  # a reply that only calls tools (OpenAI writes content: null)
             if not isinstance(content, str):
                 raise self._err(line, f"{col}[{i}].content", f"expected a string, got {type(content).__name__}",
                                 "wrong type")
-            out.append({"role": role, "content": content})
+            msg: dict[str, Any] = {"role": role, "content": content}
+            for key in ("reasoning_content", "tool_calls", "name", "tool_call_id"):
+                if m.get(key) is not None:
+                    if role != ("tool" if key == "tool_call_id" else "assistant") and key != "name":
+                        raise self._err(line, f"{col}[{i}].{key}", f"only {'tool' if key == 'tool_call_id' else 'assistant'} "
+                                        "messages carry it", "misplaced field")
+                    msg[key] = m[key]
+            if "reasoning_content" in msg and not isinstance(msg["reasoning_content"], str):
+                raise self._err(line, f"{col}[{i}].reasoning_content", "expected a string", "wrong type")
+            if "tool_calls" in msg:
+                msg["tool_calls"] = self._tool_calls(msg["tool_calls"], line, f"{col}[{i}].tool_calls")
+            out.append(msg)
         return out
+
+    def _tool_calls(self, v: Any, line: int, col: str) -> list[dict]:
+        """Tool calls in the OpenAI / transformers shape, {type: function, function: {name, arguments}},
+        from that shape or the flat {name, arguments}; arguments as an object (a JSON string is parsed)."""
+        if not isinstance(v, list) or not v:
+            raise self._err(line, col, "expected a non-empty list of calls", "wrong type")
+        out = []
+        for j, call in enumerate(v):
+            where = f"{col}[{j}]"
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise self._err(line, f"{where}.function.name", "expected {function: {name, arguments}}", "bad tool call")
+            args = fn.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError as e:
+                    raise self._err(line, f"{where}.function.arguments", f"not JSON: {_json_msg(e)}", "bad tool call") from None
+            if not isinstance(args, dict):
+                raise self._err(line, f"{where}.function.arguments", f"expected an object, got {type(args).__name__}",
+                                "bad tool call")
+            norm = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+            if isinstance(call, dict) and call.get("id") is not None:
+                norm["id"] = call["id"]
+            out.append(norm)
+        return out
+
+    def tools_of(self, obj: dict, line: int) -> list[dict] | None:
+        """The `tools` column: a list of function definitions (or its JSON string), as TRL and the
+        transformers chat templates take it."""
+        col = self.columns.get("tools", "tools")
+        v = obj.get(col)
+        if v is None or v == "" or v == []:
+            return None
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise self._err(line, col, f"not JSON: {_json_msg(e)}", "bad tools") from None
+        if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+            raise self._err(line, col, "expected a list of function definitions ({type: function, function: "
+                            "{name, description, parameters}})", "bad tools")
+        for k, t in enumerate(v):
+            fn = t.get("function", t)
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise self._err(line, f"{col}[{k}]", "a function definition needs a name", "bad tools")
+        return v
 
     def _message_list(self, v: Any, line: int, col: str) -> list[dict[str, str]]:
         if not isinstance(v, list) or not v:
             raise self._err(line, col, "expected a non-empty list of {role, content} objects", "wrong type")
-        msgs = self._raw_messages(v, line, col)
+        msgs = self.raw_messages(v, line, col)
         self._check_messages(msgs, line, lambda i: f"{col}[{i}]")
         return msgs
 
@@ -351,6 +417,16 @@ class Normaliser:
                                 "unknown role")
             if not isinstance(value, str):
                 raise self._err(line, f"{col}[{i}].value", f"expected a string, got {type(value).__name__}", "wrong type")
+            if who == "function_call":  # the value is the call: {"name": ..., "arguments": ...} (or a list of them)
+                try:
+                    calls = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise self._err(line, f"{col}[{i}].value", f"a function_call is JSON: {_json_msg(e)}",
+                                    "bad tool call") from None
+                calls = calls if isinstance(calls, list) else [calls]
+                msgs.append({"role": "assistant", "content": "",
+                             "tool_calls": self._tool_calls(calls, line, f"{col}[{i}].value")})
+                continue
             msgs.append({"role": SHAREGPT_ROLES[who], "content": value})
         self._check_messages(msgs, line, lambda i: f"{col}[{i}]")
         return msgs
@@ -359,7 +435,7 @@ class Normaliser:
         """Order and content rules; `name(i)` is the field of message i, `content(i)` of its text."""
         content = content or (lambda i: f"{name(i)}.content")
         for i, m in enumerate(msgs):
-            if m["role"] == "assistant" and not m["content"].strip():
+            if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
                 raise self._err(line, content(i), "empty reply", "empty reply")
             if m["role"] == "system" and i != 0:
                 raise self._err(line, f"{name(i)}.role", "system message must come first", "system not first")
@@ -369,9 +445,17 @@ class Normaliser:
             raise self._err(line, f"{name(min(offset, len(msgs) - 1))}.role", "the conversation must start with a user turn",
                             "no user turn first")
         for i in range(1, len(turns)):
-            if turns[i]["role"] == turns[i - 1]["role"]:
-                raise self._err(line, f"{name(i + offset)}.role", f"two {turns[i]['role']} turns in a row",
-                                f"two {turns[i]['role']} turns in a row")
+            prev, role = turns[i - 1], turns[i]["role"]
+            if role == "tool":  # a tool's result answers a call: after an assistant turn that made one, or another result
+                if not (prev["role"] == "tool" or (prev["role"] == "assistant" and prev.get("tool_calls"))):
+                    raise self._err(line, f"{name(i + offset)}.role", "a tool turn must follow an assistant turn "
+                                    "with tool_calls (or another tool turn)", "tool turn without a call")
+            elif role == prev["role"]:
+                raise self._err(line, f"{name(i + offset)}.role", f"two {role} turns in a row",
+                                f"two {role} turns in a row")
+            elif prev["role"] == "assistant" and prev.get("tool_calls"):
+                raise self._err(line, f"{name(i + offset)}.role", "an assistant turn with tool_calls must be followed "
+                                "by the tools' results (role: tool)", "tool call without a result")
         if not any(m["role"] == "assistant" for m in turns):
             raise self._err(line, name(len(msgs) - 1), "no assistant turn to train on", "no reply")
 
@@ -413,26 +497,47 @@ def load_rows(source: str, fmt: str = "auto", columns: dict[str, str] | None = N
 
 
 def parse_sources(spec: Any) -> list[tuple[str, float]]:
-    """`data.train`: a path, or a list of paths / {path, weight} for a weighted mix."""
+    """`data.train`: a path, or a list of paths / {path, weight, name} for a weighted mix."""
+    return [(path, weight) for path, weight, _ in named_sources(spec)]
+
+
+def named_sources(spec: Any) -> list[tuple[str, float, str | None]]:
+    """`data.train` as (path, weight, name): a source's `name` makes its held-out split (data.eval_fraction)
+    an eval set of that name."""
     if spec is None:
         return []
     if isinstance(spec, str):
-        return [(spec, 1.0)]
+        return [(spec, 1.0, None)]
     out = []
     for i, item in enumerate(spec):
         if isinstance(item, str):
-            out.append((item, 1.0))
+            out.append((item, 1.0, None))
         elif isinstance(item, dict) and "path" in item:
-            unknown = set(item) - {"path", "weight"}
+            unknown = set(item) - {"path", "weight", "name"}
             if unknown:
-                raise DataError(f"data.train[{i}]: unknown keys {sorted(unknown)} (expected path and weight)")
+                raise DataError(f"data.train[{i}]: unknown keys {sorted(unknown)} (expected path, weight and name)")
             w = float(item.get("weight", 1.0))
             if w < 0:
                 raise DataError(f"data.train[{i}].weight: must be >= 0, got {w}")
-            out.append((str(item["path"]), w))
+            name = item.get("name")
+            if name is not None and (not isinstance(name, str) or not name or "/" in name):
+                raise DataError(f"data.train[{i}].name: expected a name without '/', got {name!r}")
+            out.append((str(item["path"]), w, name))
         else:
-            raise DataError(f"data.train[{i}]: expected a path or {{path: ..., weight: ...}}, got {item!r}")
+            raise DataError(f"data.train[{i}]: expected a path or {{path: ..., weight: ..., name: ...}}, got {item!r}")
     return out
+
+
+def eval_sources(spec: Any) -> list[tuple[str, str | None]]:
+    """`data.eval`: a path (one unnamed set), or {name: path} (named sets, each scored on its own)."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [(spec, None)]
+    if isinstance(spec, dict) and spec and all(isinstance(k, str) and k and "/" not in k and isinstance(v, str)
+                                               for k, v in spec.items()):
+        return [(v, k) for k, v in spec.items()]
+    raise DataError(f"data.eval: expected a path or {{name: path, ...}} (names without '/'), got {spec!r}")
 
 
 def mix(groups: list[tuple[list[Row], float]], seed: int) -> list[Row]:

@@ -119,6 +119,7 @@ def encode(tok, rows: list[LabelledText], max_length: int, truncation: str = "tr
 # Keys that mean nothing for a classifier: setting one stops the run rather than being ignored.
 UNUSED = ("data.format", "data.pack", "data.mask", "data.template", "data.system", "data.replay", "peft.rslora",
           "peft.dora", "train.max_forward_tokens", "train.kl_to_base", "train.distill.teacher", "train.checkpointing",
+          "train.neftune_alpha",
           "eval.generate",
           "eval.metric", "eval.compare_base", "eval.max_new_tokens", "eval.limit")
 

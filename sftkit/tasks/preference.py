@@ -222,7 +222,7 @@ PAIR_MASKS = ("auto", "completion", "last_assistant")
 
 def check_pair_keys(cfg: Config, task: str) -> None:
     """Keys a task on preference pairs (preference, reward) does not use stop the run, naming them."""
-    for key in ("data.pack", "train.kl_to_base", "eval.generate"):
+    for key in ("data.pack", "train.kl_to_base", "train.neftune_alpha", "eval.generate"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name):
             raise ConfigError(f"task: {task} does not use {key}; remove it from the config")

@@ -449,7 +449,7 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"rl.top_p: must be in (0, 1], got {rl.top_p}")
     if rl.beta < 0 or rl.epsilon <= 0 or (rl.epsilon_high is not None and rl.epsilon_high <= 0):
         raise ConfigError("rl.beta must be >= 0, rl.epsilon and rl.epsilon_high > 0")
-    for key in ("data.pack", "train.kl_to_base", "eval.generate"):
+    for key in ("data.pack", "train.kl_to_base", "train.neftune_alpha", "eval.generate"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name):
             raise ConfigError(f"task: rl does not use {key}; remove it from the config")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from ..data import renderer_for, text_source
 from ..data.packing import Batcher, pad_multiple
 from ..data.quality import analyse
 from ..data.render import Renderer, build_examples
-from ..data.sources import Row, load_rows
+from ..data.sources import Row, eval_sources, load_rows, named_sources
 from ..distill import check_distill, load_teacher
 from ..evaluate import check_references, evaluate_model, loss_metrics
 from ..export import merge_adapter, write_card
 from ..job import MODEL_PREFIX, Job, Run, RunResult, cap_max_length, log
-from ..loss import TokenLoss
+from ..loss import NEFTune, TokenLoss
+from ..metrics import metric_fn
 from ..models import apply_method, count_parameters, load_model
 
 
@@ -36,16 +38,85 @@ def forward_tokens(cfg: Config) -> int:
     return 16384 if torch.cuda.is_available() else 512
 
 
-def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str) -> float:
-    """Generate a reply to each held-out prompt (all turns before the last reply) and score it."""
+def generation_scores(model, renderer: Renderer, rows: list[Row], cfg: Config, label: str,
+                      metrics: list[str] | None = None) -> dict[str, float]:
+    """Generate a reply to each held-out prompt (all turns before the last reply) and score it:
+    {metric: mean score} for eval.metric (or `metrics`)."""
     rows = rows[: cfg.eval.limit] if cfg.eval.limit > 0 else rows
-    result = evaluate_model(model, renderer, rows, [cfg.eval.metric], loss=False, max_new_tokens=cfg.eval.max_new_tokens,
+    metrics = metrics or [cfg.eval.metric]
+    result = evaluate_model(model, renderer, rows, metrics, loss=False, max_new_tokens=cfg.eval.max_new_tokens,
                             batch_size=cfg.eval.batch_size, label=label)
-    return result.metrics[cfg.eval.metric]
+    return {m: result.metrics[m] for m in metrics}
+
+
+def scored_sets(model, renderer: Renderer, rows: list[Row], sets: dict, cfg: Config, label: str,
+                metrics: list[str] | None = None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """generation_scores over the held-out rows, or with named eval sets, on each set (eval.limit rows
+    of each) and their mean: (scores, {set: scores})."""
+    if not sets:
+        return generation_scores(model, renderer, rows, cfg, label, metrics), {}
+    per = {name: generation_scores(model, renderer, set_rows, cfg, f"{label}, {name}", metrics)
+           for name, (_, set_rows) in sets.items()}
+    mean = {m: sum(s[m] for s in per.values()) / len(per) for m in next(iter(per.values()))}
+    return mean, per
+
+
+LOSS_SELECT = {"eval_loss": False, "eval_ppl": False, "eval_accuracy": True}  # name -> higher is better
+
+
+def set_names(cfg: Config) -> list[str]:
+    """The named eval sets: data.eval's names, or the named data.train sources' (with data.eval_fraction)."""
+    if cfg.data.eval:
+        return [n for _, n in eval_sources(cfg.data.eval) if n]
+    if cfg.data.eval_fraction > 0:
+        named = [n for _, _, n in named_sources(cfg.data.train) if n]
+        if named and len(named) < len(named_sources(cfg.data.train)):
+            named.append("other")
+        return named
+    return []
+
+
+def split_select(cfg: Config) -> tuple[str | None, str]:
+    """eval.select as (eval set or None for the mean over sets, metric)."""
+    name = cfg.eval.select
+    first, _, rest = name.partition("/")
+    if first in set_names(cfg):
+        return first, rest or "eval_loss"
+    return None, name
+
+
+def selection(cfg: Config) -> tuple[str, bool]:
+    """eval.select as (the record key that picks the best eval, whether higher is better)."""
+    which, metric = split_select(cfg)
+    key = f"eval/{which}/{metric}" if which else metric
+    return key, LOSS_SELECT.get(metric, True)  # a generation metric: a score per reply, higher is better
+
+
+def generation_metrics(cfg: Config) -> list[str]:
+    """The metrics scored on generated replies: eval.metric, and eval.select's where it is another one."""
+    metric = split_select(cfg)[1]
+    return [cfg.eval.metric] + ([metric] if metric not in LOSS_SELECT and metric != cfg.eval.metric else [])
 
 
 def check(cfg: Config) -> None:
     check_distill(cfg)
+    name = split_select(cfg)[1]
+    if name not in LOSS_SELECT:
+        try:
+            metric_fn(name)
+        except ConfigError as e:
+            sets = set_names(cfg)
+            named = f", an eval set ({', '.join(sets)}) or SET/METRIC" if sets else ""
+            raise ConfigError(f"eval.select: {name!r} is not {', '.join(LOSS_SELECT)}{named} nor a generation "
+                              f"metric ({e})") from None
+        if not cfg.eval.generate:
+            raise ConfigError(f"eval.select: {name} is scored on generated replies; set eval.generate: true "
+                              "(it then generates at every eval, on eval.limit rows)")
+    if cfg.train.neftune_alpha < 0:
+        raise ConfigError(f"train.neftune_alpha: must be >= 0 (0 = off), got {cfg.train.neftune_alpha}")
+    if cfg.train.neftune_alpha and cfg.train.kl_to_base:
+        raise ConfigError("train.neftune_alpha with train.kl_to_base: the base model's pass would see other noise "
+                          "than the tuned one's, so the KL would measure the noise; use one of them")
 
 
 def check_packing(model, examples: list, share: bool, who: str = "") -> bool:
@@ -83,10 +154,16 @@ def prepare(cfg: Config, run: Run) -> Job:
         check_references(eval_rows)
     if cfg.peft.method != "qlora":  # 4-bit weights are placed by bitsandbytes at load
         model.to(run.device)
-    share = check_packing(model, train_ex, cfg.data.share_prefix) if cfg.data.pack else False
+    # NEFTune: each example draws its own noise, so examples cannot share one computed opening.
+    share_prefix = cfg.data.share_prefix and not cfg.train.neftune_alpha
+    if cfg.data.pack and cfg.data.share_prefix and cfg.train.neftune_alpha:
+        log("shared prefixes: off, train.neftune_alpha gives each example's opening its own noise")
+    share = check_packing(model, train_ex, share_prefix) if cfg.data.pack else False
     scores = {}
     if cfg.eval.generate and cfg.eval.compare_base and run.start_ckpt is None and run.main:
-        scores["base"] = generation_scores(model, renderer, eval_rows, cfg, "base model")
+        mean, per = scored_sets(model, renderer, eval_rows, data.eval_sets, cfg, "base model")
+        scores["base"] = mean[cfg.eval.metric]
+        scores.update({f"base/{name}": s[cfg.eval.metric] for name, s in per.items()})
         log(f"base model {cfg.eval.metric} on the held-out rows: {scores['base']:.3f}")
     ref_ex, base_ref_ppl = reference_text(cfg, run, model, renderer, share)
     frozen = None
@@ -111,9 +188,17 @@ def prepare(cfg: Config, run: Run) -> Job:
     if cfg.data.pack:
         log(f"packed {len(train_ex)} examples into {len(batcher)} rows of up to {cfg.data.max_length} tokens "
             f"({sum(batcher.sizes) / (len(batcher) * cfg.data.max_length):.0%} full); train.batch_size counts rows")
-    return Job(model=model, loss=TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen, distill=distill),
+    neftune = None
+    if cfg.train.neftune_alpha:
+        neftune = NEFTune(model, cfg.train.neftune_alpha)
+        log(f"NEFTune: noise alpha {cfg.train.neftune_alpha:g} on the input embeddings while training")
+    return Job(model=model, loss=TokenLoss(model, kl_coef=cfg.train.kl_to_base, frozen_base=frozen, distill=distill,
+                                           neftune=neftune),
                batcher=batcher, state={"base_ref_ppl": base_ref_ppl},
-               evaluate=Evaluation(cfg, eval_ex, ref_ex, tok.pad_token_id, share) if (eval_ex or ref_ex) else None,
+               evaluate=Evaluation(cfg, eval_ex, ref_ex, tok.pad_token_id, share, model, renderer, eval_rows,
+                                   data.eval_sets)
+               if (eval_ex or ref_ex) else None, select=selection(cfg)[0], maximize=selection(cfg)[1],
+               progress=("eval_loss", *(generation_metrics(cfg) if generates_at_evals(cfg) else [])),
                finish=Finish(cfg, tok, renderer, data, eval_rows, scores, trainable, total))
 
 
@@ -134,11 +219,22 @@ def reference_text(cfg: Config, run: Run, model, renderer, share: bool = False) 
     return ref_ex, ppl
 
 
-class Evaluation:
-    """Held-out loss, perplexity and token accuracy, and the reference text's perplexity (forgetting)."""
+def generates_at_evals(cfg: Config) -> bool:
+    """eval.generate scores replies at every eval when there are evals during training, or when
+    eval.select needs the score; otherwise once, on the final model."""
+    return cfg.eval.generate and (cfg.train.eval_every > 0 or cfg.eval.select not in LOSS_SELECT)
 
-    def __init__(self, cfg: Config, eval_ex: list, ref_ex: list, pad_id: int, share_prefix: bool = False):
+
+class Evaluation:
+    """Held-out loss, perplexity and token accuracy, the reference text's perplexity (forgetting), and
+    with eval.generate during training, the generation metrics of replies to the held-out prompts."""
+
+    def __init__(self, cfg: Config, eval_ex: list, ref_ex: list, pad_id: int, share_prefix: bool = False,
+                 model=None, renderer: Renderer | None = None, eval_rows: list[Row] | None = None,
+                 sets: dict | None = None):
         self.cfg, self.eval_ex, self.ref_ex, self.pad_id = cfg, eval_ex, ref_ex, pad_id
+        self.model, self.renderer, self.eval_rows = model, renderer, eval_rows or []
+        self.sets = sets or {}  # named eval sets: each scored on its own, the plain keys their mean
         # Packed as training is (no padding), the shared prefix computed once where training does so;
         # a packed pass holds what a training pass does (train.batch_size rows of data.max_length).
         self.layout = {"pack": cfg.data.pack, "share_prefix": share_prefix,
@@ -151,9 +247,33 @@ class Evaluation:
                                              **self.layout)["perplexity"]
             if state.get("base_ref_ppl"):
                 record["forgetting"] = record["ref_ppl"] / state["base_ref_ppl"] - 1
-        if self.eval_ex:
-            ev = loss_metrics(scorer, self.eval_ex, bs, self.pad_id, desc="eval loss", **self.layout)
-            record.update(eval_loss=ev["eval_loss"], eval_ppl=ev["perplexity"], eval_accuracy=ev["token_accuracy"])
+        parts = self.sets.items() if self.sets else [(None, (self.eval_ex, self.eval_rows))]
+        per: dict[str, dict[str, float]] = {}
+        for name, (exs, _) in parts:
+            if exs:
+                ev = loss_metrics(scorer, exs, bs, self.pad_id, desc=f"eval loss{f' ({name})' if name else ''}",
+                                  **self.layout)
+                per[name] = {"eval_loss": ev["eval_loss"], "eval_ppl": ev["perplexity"],
+                             "eval_accuracy": ev["token_accuracy"]}
+        if generates_at_evals(self.cfg) and self.eval_rows:
+            t0 = time.time()
+            scores, by_set = scored_sets(self.model, self.renderer, self.eval_rows, self.sets, self.cfg, "eval",
+                                         generation_metrics(self.cfg))
+            for name, s in (by_set.items() if self.sets else [(None, scores)]):
+                per.setdefault(name, {}).update(s)
+            limit = self.cfg.eval.limit
+            n = sum(min(len(rows), limit) if limit > 0 else len(rows) for _, (_, rows) in parts)
+            record["generate_seconds"] = round(time.time() - t0, 3)
+            log(f"eval generation: {n} prompts in {time.time() - t0:.1f} s "
+                f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items())}); eval.limit sets how many")
+        if not self.sets:
+            record.update(per.get(None, {}))
+            return record
+        for name, figures in per.items():  # each set's figures, and their mean under the plain names
+            record.update({f"eval/{name}/{k}": v for k, v in figures.items()})
+        for key in dict.fromkeys(k for figures in per.values() for k in figures):
+            values = [figures[key] for figures in per.values() if key in figures]
+            record[key] = sum(values) / len(values)
         return record
 
 
@@ -170,7 +290,9 @@ class Finish:
         model = save_final(model, self.tok, cfg, run.dir, run.main, sharded_module)
         result.model = model
         if run.main and cfg.eval.generate:
-            self.scores["tuned"] = generation_scores(model, self.renderer, self.eval_rows, cfg, "tuned model")
+            mean, per = scored_sets(model, self.renderer, self.eval_rows, self.data.eval_sets, cfg, "tuned model")
+            self.scores["tuned"] = mean[cfg.eval.metric]
+            self.scores.update({f"tuned/{name}": s[cfg.eval.metric] for name, s in per.items()})
             log(f"tuned model {cfg.eval.metric} on the held-out rows: {self.scores['tuned']:.3f}")
         result.scores = self.scores
         result.metric = cfg.eval.metric if cfg.eval.generate else None
@@ -225,7 +347,7 @@ def data_summary(data) -> dict:
         if stats is not None:
             out[name] = {"sources": dict(Counter(r.source for r in rows)), "rows": stats.rows, "kept": stats.kept,
                          "dropped": dict(stats.dropped), "truncated": stats.truncated, "tokens": stats.tokens,
-                         "trained_tokens": stats.trained_tokens}
+                         "trained_tokens": stats.trained_tokens, "split_documents": stats.split, "blocks": stats.blocks}
     return out
 
 

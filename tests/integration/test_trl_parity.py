@@ -55,3 +55,40 @@ def test_conversational_prompt_completion_labels_equal_trl_up_to_the_end_of_turn
         assert labels[:end] == t_labels[:end]
         assert ids[end - 1] == tokenizer.eos_token_id
         assert all(x == IGNORE for x in labels[end:]) and tokenizer.decode(t_labels[end:]) == "\n"
+
+
+def test_tool_calling_labels_equal_trl_assistant_only_loss(tokenizer, tmp_path):
+    """Rows with tools, tool calls and tool results, rendered by the shipped qwen3 template: the
+    assistant turns (calls as rendered, final answers) are trained, tool results never, as TRL's
+    assistant-only loss does with the template's generation blocks."""
+    import copy
+    import json
+
+    from sftkit.data.render import TEMPLATES
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+    def chat(city, temp, answer):
+        return {"messages": [
+            {"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]},
+            {"role": "tool", "content": json.dumps({"temp": temp})},
+            {"role": "assistant", "content": answer}], "tools": json.dumps(tools)}
+
+    rows = [chat("Paris", 12, "12 degrees."), chat("Oslo", -3, "Cold: -3 degrees.")]
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TEMPLATES["qwen3"]
+    import datasets
+
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, bf16=False, max_length=None,
+                         report_to=[], use_cpu=True)
+    trainer = trl.SFTTrainer(model=make_tiny_llama(tokenizer), args=args, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_list(rows))
+    theirs = [(r["input_ids"], r["labels"]) for r in trainer.train_dataset]
+    mine = ours(tokenizer, rows, tmp_path, "qwen3")
+    assert mine == theirs
+    trained = tokenizer.decode([t for t in mine[0][1] if t != IGNORE])
+    assert trained == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+                       "12 degrees.<|im_end|>")

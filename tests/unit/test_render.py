@@ -175,3 +175,36 @@ def test_sample_left_without_trained_tokens_is_dropped_and_counted(tokenizer):
     exs, stats = build_examples([Row([], "t.jsonl", 1, "text", text="some words here")], Renderer(tokenizer, max_length=1))
     assert exs == [] and stats.dropped["no trained token left after truncation"] == 1
     assert "1 no trained token left after truncation" in stats.summary("train")
+
+
+@pytest.mark.parametrize("overlap", [0, 5])
+def test_a_long_document_becomes_blocks_that_train_each_of_its_tokens_once_in_order(tokenizer, overlap):
+    text = " ".join(f"word{i}" for i in range(400))
+    renderer = Renderer(tokenizer, max_length=64, chunk_overlap=overlap)
+    whole = renderer.render(row({"text": text}))
+    n = len(whole.input_ids)
+    renderer.max_length = max_length = int(n / 3.5)  # the document is 3.5 x max_length
+    exs, stats = build_examples([row({"text": text}, line=3), row({"text": "short one"})], renderer)
+    blocks = exs[:-1]
+    assert len(blocks) == 4 and stats.split == 1 and stats.blocks == 4 and stats.kept == 2 and stats.truncated == 0
+    assert "1 long documents split into 4 blocks" in stats.summary("train")
+    assert all(len(b.input_ids) <= max_length and b.line == 3 for b in blocks)
+    trained = [t for b in blocks for t in b.labels[1:] if t != IGNORE]
+    assert trained == whole.input_ids[1:]  # every token once, in order (the first is never predicted), eos last
+    assert stats.trained_tokens == len(trained) + exs[-1].n_trained
+    for b in blocks:  # a label is the token at its position: each block is the document's text, not a shifted copy
+        assert all(y in (IGNORE, x) for x, y in zip(b.input_ids, b.labels))
+    for prev, nxt in zip(blocks, blocks[1:]):  # each block opens with the end of the one before, untrained
+        context = max(overlap, 1)
+        assert nxt.input_ids[:context] == prev.input_ids[-context:]
+        assert nxt.labels[:context] == [IGNORE] * context and nxt.labels[context] != IGNORE
+
+
+def test_long_documents_keep_drop_and_error_and_a_bad_overlap_is_refused(tokenizer):
+    text = {"text": "word " * 200}
+    exs, stats = build_examples([row(text)], Renderer(tokenizer, max_length=40, truncation="drop"))
+    assert exs == [] and stats.dropped["longer than max_length=40"] == 1
+    with pytest.raises(DataError, match=r"data.jsonl:1: \d+ tokens, longer than data.max_length=40"):
+        build_examples([row(text)], Renderer(tokenizer, max_length=40, truncation="error"))
+    with pytest.raises(DataError, match="data.chunk_overlap"):
+        Renderer(tokenizer, max_length=40, chunk_overlap=39)
