@@ -1,6 +1,6 @@
 """After SFT, RL or DPO? Held-out pass rate of the bundled RL example for five ways of spending the budget.
 
-    .venv/bin/python benchmarks/rl_comparison.py
+    .venv/bin/python benchmarks/rl_comparison.py [--keep]   # --keep: reuse runs an earlier invocation finished
 
 On examples/arith (two-digit sums; the reward `number_match`: 1 when the reply's last number is the
 sum), with the embedded SmolLM2-135M and LoRA r=16 everywhere, one run after another (never two at
@@ -8,7 +8,7 @@ once), each a real `sftkit train`:
 
   base          the starting model
   base + GRPO   configs/rl-arith.yaml: 30 steps x 4 prompts x 8 sampled completions = 960 completions
-  SFT           task: sft on examples/arith/sft.jsonl (the 400 training prompts with the right sum), one epoch
+  SFT           configs/sft-arith.yaml: the 400 training prompts with the right sum, one epoch
   SFT + GRPO    configs/rl-arith.yaml started from the SFT model
   DPO (best of n) the same budget offline: 960 completions sampled from the base model (120 prompts x 8,
                 the same temperature and length), each scored by number_match; a right vs a wrong one of
@@ -39,7 +39,13 @@ SFTKIT = [sys.executable, "-m", "sftkit"]
 BUDGET_PROMPTS, G, NEW, TEMP = 120, 8, 16, 0.8
 
 
+KEEP = "--keep" in sys.argv  # reuse a finished run of an earlier invocation (the runs are deterministic)
+
+
 def train(args: list[str]) -> float:
+    out = Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
+    if KEEP and (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())["seconds"]
     t = time.time()
     subprocess.run([*SFTKIT, "train", *args, "--overwrite"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return time.time() - t
@@ -93,10 +99,7 @@ def main() -> None:
     results["base + GRPO"] = {"rate": s["tuned"], "how": f"30 RL steps, 960 sampled completions, {seconds:.0f} s"}
     print(results, flush=True)
 
-    sft = ["task=sft", "model.name=smollm2-135m", f"data.train={ARITH / 'sft.jsonl'}", "data.max_length=128",
-           "peft.method=lora", "peft.r=16", "peft.alpha=32", "train.lr=2e-4", "train.batch_size=8", "train.epochs=1",
-           "train.seed=42", "eval.reference=null", f"output_dir={WORK / 'sft'}"]
-    seconds = train(sft)
+    seconds = train(["configs/sft-arith.yaml", f"output_dir={WORK / 'sft'}"])
     results["SFT"] = {"rate": pass_rate(WORK / "sft" / "final" / "model"),
                       "how": f"1 epoch of the 400 training prompts with their answers (50 steps), {seconds:.0f} s"}
     print(results, flush=True)
