@@ -1,6 +1,6 @@
 """Does NEFTune help? The bundled SFT examples trained with and without `train.neftune_alpha`.
 
-    .venv/bin/python benchmarks/neftune.py [--alpha 5]
+    .venv/bin/python benchmarks/neftune.py [--alpha 5] [--tasks dates tools]
 
 Runs, one after another (never two at once), each a real `sftkit train` on the embedded SmolLM2-135M
 with LoRA, the config as shipped plus `eval.generate: true`:
@@ -8,8 +8,10 @@ with LoRA, the config as shipped plus `eval.generate: true`:
   tools   configs/tools.yaml (examples/make_tools.py), the `tool_call` metric on 80 held-out questions
           (the call parses and names the right tool with the right arguments); the base model's
           score comes with the run without NEFTune
-Every run has the same seed, so the runs of a task differ by the noise alone. Writes the section
-"NEFTune" of docs/benchmarks.md.
+Every run has the same seed, so the runs of a task differ by the noise alone. With NEFTune each
+example draws its own noise, so the packed examples cannot share the tools' 420-token system turn
+(data.share_prefix is off): the tools run with it takes about 3x as long (~15 min here). Writes the
+section "NEFTune" of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ def run(task: str, alpha: float, base: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--alpha", type=float, default=5.0)
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     opts = ap.parse_args()
     subprocess.run([sys.executable, "examples/make_tools.py"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     gflops = matmul_gflops()
     rows = []
-    for task in TASKS:
+    for task in opts.tasks:
         plain = run(task, 0.0, base=True)
         noisy = run(task, opts.alpha, base=False)
         rows.append((task, plain, noisy))
