@@ -162,14 +162,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    check_inputs({"base": args.base, "run": args.run}, {"--data": args.data, "--shots-from": args.shots_from},
-                 _metrics(args.metrics))
+    for d in args.data:  # FILE or NAME=FILE
+        check_inputs({}, {"--data": d.rpartition("=")[2] if "=" in d and not Path(d).exists() else d})
+    check_inputs({"base": args.base, "run": args.run}, {"--shots-from": args.shots_from}, _metrics(args.metrics))
     from .compare import compare, table
 
     results, run_dir = compare(args.base, args.run, args.data, _metrics(args.metrics), few_shot=args.few_shot,
                                shots_from=args.shots_from, limit=args.limit, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size)
-    print(f"\non {args.data}:")
+    print(f"\non {', '.join(args.data) or 'the held-out rows of the run'}:")
     print(table(results))
     print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'compare.png'}")
     return 0
@@ -383,7 +384,9 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ('compare',): Command(cmd_compare, "base vs tuned (vs base with few-shot) on the same rows; writes report.md", [
         A("base", help="the model the run started from (alias or directory)"),
         A("run", help="run directory"),
-        A("--data", required=True, help="held-out rows"),
+        A("--data", action="append", default=[], metavar="[NAME=]FILE",
+          help="held-out rows; more than once for several sets (NAME=FILE names one); "
+               "none: the run's own held-out rows, by its named sets"),
         A("--metrics", default="exact_match,token_f1,rouge_l",
           help="comma-separated metrics (as eval); an RL run is scored with its own rewards"),
         A("--few-shot", type=int, default=0, help="also score the base with K examples in the prompt"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib
 
 from .config import Config, ConfigError, DataConfig, load_config, with_overrides
-from .data import renderer_for
+from .data import read, renderer_for
 from .data.sources import Row, load_rows
 from .evaluate import EvalResult, evaluate_model
 from .export import write_card
@@ -35,14 +35,16 @@ def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None 
              data_overrides: dict | None = None,
              few_shot: int = 0, shots_from: str | None = None, limit: int = 0, max_new_tokens: int = 64,
              batch_size: int = 16, generate: bool = True, sampling: dict | None = None, label: str = "model",
-             loaded: tuple | None = None, known_loss: dict | None = None):
-    """One model on held-out rows. `loaded` is (model, tokenizer, data config) already in memory;
-    `known_loss` the loss metrics already measured on exactly these rows and weights (not measured again)."""
+             loaded: tuple | None = None, known_loss: dict | None = None, rows: list[Row] | None = None):
+    """One model on held-out rows (of the file `data`, or `rows` already read). `loaded` is (model,
+    tokenizer, data config) already in memory; `known_loss` the loss metrics already measured on
+    exactly these rows and weights (not measured again)."""
     model, tok, run_data = loaded or load_for_inference(target, adapter)
     data_cfg = data_cfg or run_data
     if data_overrides:  # on top of the run's own settings (template, system message, mask), not the defaults
         data_cfg = with_overrides(Config(data=data_cfg), data_overrides).data
-    rows = load_rows(data, data_cfg.format, data_cfg.columns, data_cfg.system)
+    if rows is None:
+        rows = load_rows(data, data_cfg.format, data_cfg.columns, data_cfg.system)
     rows = rows[:limit] if limit > 0 else rows
     shots = None
     if few_shot:
@@ -86,11 +88,12 @@ def table(results: dict[str, EvalResult]) -> str:
     for r in results.values():
         keys += [k for k in r.metrics if k not in keys]
     width = max(14, *(len(n) + 2 for n in names))
-    lines = [f"{'metric':<16}" + "".join(f"{n:>{width}}" for n in names)]
+    first = max(16, *(len(k) + 2 for k in keys))
+    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{width}}" for n in names)]
     for k in keys:
         cells = "".join(f"{results[n].metrics[k]:>{width}.4f}" if k in results[n].metrics else f"{'-':>{width}}"
                         for n in names)
-        lines.append(f"{k:<16}{cells}")
+        lines.append(f"{k:<{first}}{cells}")
     return "\n".join(lines)
 
 
@@ -98,7 +101,8 @@ def plot(results: dict[str, EvalResult], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in next(iter(results.values())).metrics if k not in ("eval_loss", "perplexity")]
+    keys = [k for k in next(iter(results.values())).metrics
+            if k.rpartition("/")[2] not in ("eval_loss", "perplexity")]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4))
     width = 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
@@ -123,15 +127,19 @@ def differing_rows(base: EvalResult, tuned: EvalResult, metric: str, n: int = 5)
     return sorted(pairs, key=lambda p: -abs(p[0]))[:n]
 
 
-def report_md(results: dict[str, EvalResult], data: str, metric: str, base_name: str, run: Path) -> str:
-    lines = [f"# Base vs tuned on `{data}`", "", f"Base: `{base_name}`; tuned: `{run}`.", "", "```",
-             table(results), "```", "", "![compare](compare.png)", ""]
+def report_md(results: dict[str, EvalResult], data: str, metric: str, base_name: str, run: Path,
+              sets: list[str] | None = None) -> str:
+    title = f"# Base vs tuned on {len(sets)} held-out sets" if sets else f"# Base vs tuned on `{data}`"
+    lines = [title, "", f"Base: `{base_name}`; tuned: `{run}`.", ""]
+    if sets:
+        lines += [f"Sets: {data}. Each metric is given per set (`NAME/metric`) and as their mean (`mean/metric`).", ""]
+    lines += ["```", table(results), "```", "", "![compare](compare.png)", ""]
     summary = run / "summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
         if s.get("forgetting") is not None:
             gain = {m: results["tuned"].metrics[m] - results["base"].metrics[m] for m in results["tuned"].metrics
-                    if m in results["base"].metrics and m not in ("eval_loss", "perplexity")}
+                    if m in results["base"].metrics and m.rpartition("/")[2] not in ("eval_loss", "perplexity")}
             lines += ["## Task gain next to forgetting", "",
                       "Task gain (tuned - base): " + ", ".join(f"{m} {v:+.3f}" for m, v in gain.items()) + ".  ",
                       f"Forgetting: perplexity on the reference text (`eval.reference`) {s['base_ref_ppl']:.3f} -> "
@@ -142,7 +150,7 @@ def report_md(results: dict[str, EvalResult], data: str, metric: str, base_name:
     if rows:
         lines += [f"## Rows where they differ most ({metric})", ""]
         for _, b, t in rows:
-            lines += [f"**{b['source']}** ({metric} {b['scores'][metric]:.2f} -> {t['scores'][metric]:.2f})", "",
+            lines += [f"**{b['source']}**{' (' + b['eval_set'] + ')' if b.get('eval_set') else ''} ({metric} {b['scores'][metric]:.2f} -> {t['scores'][metric]:.2f})", "",
                       f"- prompt: {b['prompt'][:300]!r}", f"- reference: {b['reference'][:300]!r}",
                       f"- base: {b['prediction'][:300]!r}", f"- tuned: {t['prediction'][:300]!r}", ""]
     return "\n".join(lines)
@@ -183,44 +191,103 @@ def compare_rl(base: str, run_dir: Path, cfg: Config, data: str, limit: int, max
             for name, target in (("base", base), ("tuned", str(run_dir)))}
 
 
-def compare(base: str, run: str, data: str, metrics: list[str], few_shot: int = 0, shots_from: str | None = None,
-            limit: int = 0, max_new_tokens: int | None = None, batch_size: int = 16) -> tuple[dict[str, EvalResult], Path]:
+def held_out_sets(run_cfg: Config, data: list[str]) -> dict[str, tuple[str, list[Row]]]:
+    """The rows `compare` scores, by set: name -> (where they come from, rows). `data` holds the files
+    given (`--data FILE` or `--data NAME=FILE`, more than once); none given: the run's own held-out
+    rows, split exactly as training split them, one set per named set (`data.eval` as a mapping,
+    named `data.train` sources) or one set."""
+    cfg = run_cfg.data
+    if data:
+        sets = {}
+        for spec in data:
+            name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+            name = name or (Path(path).stem if len(data) > 1 else "")
+            if name in sets:
+                raise ConfigError(f"compare: --data {spec}: the set name {name!r} is given twice (name them: --data NAME=FILE)")
+            sets[name] = (path, load_rows(path, cfg.format, cfg.columns, cfg.system))
+        return sets
+    if not cfg.eval and not cfg.eval_fraction:
+        raise ConfigError("compare: the run has no held-out rows (no data.eval, data.eval_fraction 0): give --data FILE")
+    _, held, _ = read(cfg, run_cfg.train.seed)
+    names = list(dict.fromkeys(r.eval_set for r in held if r.eval_set))
+    if not names:
+        return {"": (str(cfg.eval or f"the run's held-out {cfg.eval_fraction:g} of data.train"), held)}
+    if any(r.eval_set is None for r in held):
+        names.append("other")  # held-out rows of unnamed sources, as training names them
+    return {n: (f"the run's held-out set {n!r}", [r for r in held if (r.eval_set or "other") == n]) for n in names}
+
+
+def merged(per_set: dict[str, EvalResult]) -> EvalResult:
+    """Results on several sets as one: metrics `NAME/metric` and their mean `mean/metric`, the
+    predictions of every set in order, each with its set."""
+    if list(per_set) == [""]:
+        return per_set[""]
+    metrics: dict[str, float] = {}
+    for name, r in per_set.items():
+        metrics.update({f"{name}/{k}": v for k, v in r.metrics.items()})
+    keys = [k for k in next(iter(per_set.values())).metrics if all(k in r.metrics for r in per_set.values())]
+    metrics.update({f"mean/{k}": sum(r.metrics[k] for r in per_set.values()) / len(per_set) for k in keys})
+    predictions = [{**p, "eval_set": name} for name, r in per_set.items() for p in r.predictions]
+    return EvalResult(metrics=metrics, predictions=predictions)
+
+
+def compare(base: str, run: str, data: str | list[str] | None, metrics: list[str], few_shot: int = 0,
+            shots_from: str | None = None, limit: int = 0, max_new_tokens: int | None = None, batch_size: int = 16
+            ) -> tuple[dict[str, EvalResult], Path]:
+    """Base vs tuned (vs base + few-shot) on each held-out set (see `held_out_sets`); `limit` is per set."""
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"compare: {run} is not a run directory (no config.yaml)")
     run_cfg = load_config(run_dir / "config.yaml")
+    data = [data] if isinstance(data, str) else list(data or [])
     if run_cfg.task == "rl":
         if few_shot:
             raise ConfigError("compare: --few-shot is not offered for an RL run (its prompts have no solved replies)")
+        if len(data) > 1 or (not data and not isinstance(run_cfg.data.eval, str)):
+            raise ConfigError("compare: an RL run is compared on one file of prompts: give --data FILE")
+        data = data[0] if data else run_cfg.data.eval
         results = compare_rl(base, run_dir, run_cfg, data, limit, max_new_tokens, batch_size)
         return write_comparison(results, data, "reward", base, run_dir), run_dir
     # Both models see the rows rendered as the run was trained (template, system message).
     data_cfg = run_cfg.data
-    kw = dict(limit=limit, max_new_tokens=max_new_tokens or 64, batch_size=batch_size)
-    results: dict[str, EvalResult] = {}
+    sets = held_out_sets(run_cfg, data)
+    where = next(iter(sets.values()))[0] if len(sets) == 1 else ", ".join(f"{n}: {w}" for n, (w, _) in sets.items())
+    kw = dict(limit=limit, max_new_tokens=max_new_tokens or 64, batch_size=batch_size, data_cfg=data_cfg)
+    per: dict[str, dict[str, EvalResult]] = {"base": {}, "tuned": {}}
+    shot_name = f"base+{few_shot}shot"
+    if few_shot:
+        per[shot_name] = {}
+        src = shots_from or (data_cfg.train if isinstance(data_cfg.train, str) else None)
     log(f"evaluating base model {base}")
     base_model = load_for_inference(base)  # once, for the plain and the few-shot rows
-    results["base"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, label="base", loaded=base_model, **kw)
-    log(f"evaluating tuned model {run}")
-    known = final_eval_of_run(run_dir, data, limit) if (run_dir / "summary.json").is_file() else None
-    if known:
-        log("tuned model's eval loss: the run's final eval on the same rows and weights (not measured again)")
-    results["tuned"], _ = run_eval(run, data, metrics, data_cfg=data_cfg, label="tuned", known_loss=known, **kw)
-    if few_shot:
-        src = shots_from or (data_cfg.train if isinstance(data_cfg.train, str) else None)
-        log(f"evaluating base model with {few_shot} examples in the prompt")
-        results[f"base+{few_shot}shot"], _ = run_eval(base, data, metrics, data_cfg=data_cfg, few_shot=few_shot,
-                                                      shots_from=src, label=f"base+{few_shot}-shot", loaded=base_model, **kw)
+    for name, (path, rows) in sets.items():
+        tag = f" on {name}" if name else ""
+        per["base"][name], _ = run_eval(base, path, metrics, label=f"base{tag}", loaded=base_model, rows=rows, **kw)
+        if few_shot:
+            log(f"evaluating base model with {few_shot} examples in the prompt{tag}")
+            per[shot_name][name], _ = run_eval(base, path, metrics, few_shot=few_shot, shots_from=src, rows=rows,
+                                               label=f"base+{few_shot}-shot{tag}", loaded=base_model, **kw)
     del base_model
-    return write_comparison(results, data, metrics[0], base, run_dir), run_dir
+    log(f"evaluating tuned model {run}")
+    tuned_model = load_for_inference(run)
+    for name, (path, rows) in sets.items():
+        known = final_eval_of_run(run_dir, path, limit) if len(sets) == 1 and (run_dir / "summary.json").is_file() else None
+        if known:
+            log("tuned model's eval loss: the run's final eval on the same rows and weights (not measured again)")
+        per["tuned"][name], _ = run_eval(run, path, metrics, label=f"tuned on {name}" if name else "tuned",
+                                         known_loss=known, loaded=tuned_model, rows=rows, **kw)
+    del tuned_model
+    results = {k: merged(v) for k, v in per.items()}
+    results = {"base": results["base"], "tuned": results["tuned"], **{k: v for k, v in results.items() if k not in ("base", "tuned")}}
+    return write_comparison(results, where, metrics[0], base, run_dir, list(sets) if len(sets) > 1 else None), run_dir
 
 
-def write_comparison(results: dict[str, EvalResult], data: str, metric: str, base: str, run_dir: Path
-                     ) -> dict[str, EvalResult]:
+def write_comparison(results: dict[str, EvalResult], data: str, metric: str, base: str, run_dir: Path,
+                     sets: list[str] | None = None) -> dict[str, EvalResult]:
     for name, r in results.items():
         r.write(run_dir / "compare" / name)
     plot(results, run_dir / "compare.png")
-    (run_dir / "report.md").write_text(report_md(results, data, metric, base, run_dir))
+    (run_dir / "report.md").write_text(report_md(results, data, metric, base, run_dir, sets))
     if (run_dir / "final").is_dir():  # the model card gains the comparison
         write_card(run_dir)
     return results

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from sftkit.cli import main
 from sftkit.config import ConfigError, load_config
 from sftkit.trainer import train
 
@@ -76,6 +77,35 @@ def test_named_eval_sets_are_scored_each_and_their_mean_or_one_of_them_selects(t
     assert {"tuned", "tuned/sums", "tuned/doubles"} <= set(summary["scores"])
     assert abs(summary["scores"]["tuned"] - (summary["scores"]["tuned/sums"] + summary["scores"]["tuned/doubles"]) / 2) < 1e-9
     assert summary["best_step"] == best["step"]
+
+    # `sftkit compare` with no --data scores base and tuned on the run's own sets, each and their mean.
+    assert main(["compare", str(tiny_model_dir), str(result.run_dir), "--metrics", "exact_match",
+                 "--max-new-tokens", "2"]) == 0
+    tuned = json.loads((result.run_dir / "compare" / "tuned" / "eval.json").read_text())["metrics"]
+    base = json.loads((result.run_dir / "compare" / "base" / "eval.json").read_text())["metrics"]
+    assert {"sums/eval_loss", "doubles/eval_loss", "sums/exact_match", "mean/exact_match"} <= set(tuned) & set(base)
+    for name in ("sums", "doubles"):  # the final model is the best eval's: its per-set loss, measured again
+        assert tuned[f"{name}/eval_loss"] == pytest.approx(best[f"eval/{name}/eval_loss"], abs=1e-4)
+    assert tuned["mean/eval_loss"] == pytest.approx((tuned["sums/eval_loss"] + tuned["doubles/eval_loss"]) / 2)
+    preds = [json.loads(x) for x in open(result.run_dir / "compare" / "tuned" / "predictions.jsonl")]
+    assert [p["eval_set"] for p in preds] == ["sums"] * 3 + ["doubles"] * 3
+    report = (result.run_dir / "report.md").read_text()
+    assert "# Base vs tuned on 2 held-out sets" in report and "doubles/exact_match" in report
+
+
+def test_compare_names_the_sets_it_is_given(tmp_path, chat_rows):
+    from sftkit.compare import held_out_sets
+
+    a = write_jsonl(tmp_path / "a.jsonl", chat_rows[:3])
+    b = write_jsonl(tmp_path / "b.jsonl", chat_rows[3:5])
+    cfg = load_config(None, {"data.train": str(a)})
+    sets = held_out_sets(cfg, [f"x={a}", str(b)])
+    assert {n: len(r) for n, (_, r) in sets.items()} == {"x": 3, "b": 2}
+    assert list(held_out_sets(cfg, [str(a)])) == [""]  # one file: one unnamed set, as before
+    with pytest.raises(ConfigError, match="the set name 'a' is given twice"):
+        held_out_sets(cfg, [str(a), f"a={b}"])
+    with pytest.raises(ConfigError, match="the run has no held-out rows"):
+        held_out_sets(cfg, [])
 
 
 def test_named_training_sources_give_named_held_out_sets(tmp_path, tiny_model_dir, chat_rows):

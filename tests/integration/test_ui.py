@@ -182,6 +182,29 @@ def test_the_run_page_draws_curves_and_follows_new_metrics_lines(server, runs_ro
     shot(tab, "ui-run.png", tmp_path)
 
 
+def test_named_eval_sets_get_a_chart_each_and_their_names_are_text(server, runs_root, tab):
+    sets = runs_root / "sets"
+    shutil.copytree(runs_root / "tiny", sets, ignore=shutil.ignore_patterns("link-out"))
+    records = [json.loads(x) for x in (sets / "metrics.jsonl").read_text().splitlines()]
+    odd = "<img src=x onerror=window.__set_ran=1>"
+    for r in records:  # as a run with data.eval {sums: ..., <odd>: ...} logs its evals
+        if "eval_loss" in r:
+            r.update({"eval/sums/eval_loss": r["eval_loss"] + 0.1, f"eval/{odd}/eval_loss": r["eval_loss"] - 0.1,
+                      "eval/sums/eval_ppl": 2.0})
+    (sets / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tab.goto(server[0] + "/run/sets")
+    wait_until(tab, f"document.querySelector('#charts').dataset.records === '{len(records)}'")
+    chart = tab.locator(".chart[data-metric='eval/sums/eval_loss']")
+    assert chart.get_attribute("data-points") == "2" and not chart.is_hidden()
+    assert chart.locator(".u-title").inner_text() == "eval loss: set sums"
+    other = tab.locator(".chart").filter(has_text="eval loss: set <img")
+    assert other.count() == 1 and other.get_attribute("data-points") == "2"
+    assert other.locator(".u-title").inner_text() == f"eval loss: set {odd}"
+    assert tab.locator("#charts img").count() == 0 and tab.evaluate("window.__set_ran") is None
+    assert tab.locator(".chart[data-metric='eval/sums/eval_ppl']").count() == 0  # perplexity: the loss says it
+    shutil.rmtree(sets)
+
+
 def test_compare_overlays_runs_and_diffs_their_configs(server, tab, tmp_path):
     url = server[0]
     tab.goto(url + "/")

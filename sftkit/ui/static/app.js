@@ -25,7 +25,7 @@ const sftkit = (() => {
     const opts = {
       title, width: 460, height: 220, scales: { x: { time: false } },
       series: [{ label: "step" }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], spanGaps: true,
-                                                           points: { show: key === "eval_loss" || key === "forgetting" } }))],
+                                                           points: { show: key.startsWith("eval") || key === "forgetting" } }))],
       axes: [{ label: "step" }, { size: 70 }],
     };
     return { box, plot: new uPlot(opts, [[], ...names.map(() => [])], box), key };
@@ -45,6 +45,22 @@ const sftkit = (() => {
     }
   }
 
+  // Named eval sets (data.eval as a mapping) log eval/<set>/<metric>: one chart per such key, made
+  // when it first appears. The set's name comes from a config: uPlot writes the title as text.
+  const PER_SET = /^eval\/([^/]+)\/(.+)$/;
+  function addSetCharts(el, charts, names, records) {
+    const known = new Set(charts.map(c => c.key));
+    for (const rec of records) {
+      for (const k of Object.keys(rec)) {
+        const m = PER_SET.exec(k);
+        if (!m || known.has(k) || typeof rec[k] !== "number" || m[2] === "eval_ppl") continue;
+        known.add(k);
+        const metric = m[2] === "eval_loss" ? "eval loss" : m[2] === "eval_accuracy" ? "eval token accuracy" : m[2];
+        charts.push(makeChart(el, k, `${metric}: set ${m[1]}`, names));
+      }
+    }
+  }
+
   async function follow(names, el, onStatus) {
     const runs = names.map(n => ({ name: n, records: [], offset: 0, status: null }));
     const charts = CURVES.map(([k, t]) => makeChart(el, k, t, names));
@@ -52,7 +68,7 @@ const sftkit = (() => {
       let changed = false;
       for (const r of runs) {
         const m = await fetchMetrics(r.name, r.offset);
-        if (m.records.length) { r.records.push(...m.records); changed = true; }
+        if (m.records.length) { r.records.push(...m.records); changed = true; addSetCharts(el, charts, names, m.records); }
         r.offset = m.offset;
         r.status = m.status;
         if (onStatus) onStatus(r, m);
