@@ -113,7 +113,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
         print(inspect(cfg, tok, embeddings=not args.no_embeddings))
         return 0
-    prepared = prepare(cfg.data, cfg.train.seed, renderer_for(cfg.data, tok))
+    renderer = renderer_for(cfg.data, tok)
+    augment = None
+    if cfg.data.rag:
+        from .tasks.sft import rag_augment
+
+        augment = rag_augment(cfg, renderer)
+    prepared = prepare(cfg.data, cfg.train.seed, renderer, augment)
     print(report(prepared, tok, n_samples=args.n, color=sys.stdout.isatty() and not args.no_color))
     if args.report or args.quality:
         q = analyse(prepared.train_rows, prepared.eval_rows, tok, cfg.data.max_length, diversity=not args.no_embeddings)
@@ -135,16 +141,35 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def in_context(args: argparse.Namespace, shots: str | None = None):
+    """The shots and retrieval the flags ask for (eval, generate, chat; compare per row)."""
+    from .retrieve import InContext, Rag
+
+    rag = Rag(args.rag, args.k, args.rag_layout) if args.rag else None
+    if args.few_shot and not args.shots_from and not Path(getattr(args, "model", "") or "", "config.yaml").is_file():
+        raise ConfigError("--few-shot needs --shots-from FILE (rows to take the examples from)")
+    return InContext(args.few_shot, shots or args.shots, args.shots_from, args.embedder or "minilm-l6", rag, args.seed)
+
+
+def check_in_context(args: argparse.Namespace) -> None:
+    check_inputs({"--embedder": args.embedder, "--rag": args.rag}, {"--shots-from": args.shots_from})
+    if args.rag and not (Path(args.rag) / "sftkit-index.json").is_file():
+        raise ConfigError(f"--rag {args.rag}: not an sftkit index (no sftkit-index.json); make one: "
+                          f"sftkit index build DOCS... --out {args.rag}")
+    if args.k < 1:
+        raise ConfigError(f"--k {args.k}: expected at least 1")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    check_inputs({"model": args.model, "--adapter": args.adapter}, {"--data": args.data, "--shots-from": args.shots_from},
-                 _metrics(args.metrics))
+    check_inputs({"model": args.model, "--adapter": args.adapter}, {"--data": args.data}, _metrics(args.metrics))
+    check_in_context(args)
     from .compare import run_eval
 
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     result, _ = run_eval(args.model, args.data, _metrics(args.metrics), adapter=args.adapter,
-                         data_overrides=_data_overrides(args.set), few_shot=args.few_shot, shots_from=args.shots_from,
+                         data_overrides=_data_overrides(args.set), context=in_context(args),
                          limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         generate=not args.no_generate, sampling=sampling)
+                         generate=not args.no_generate, sampling=sampling, costs=True)
     out = Path(args.out) if args.out else (Path(args.model) / "eval" if (Path(args.model) / "final").is_dir()
                                            else Path("eval-" + Path(args.model).name))
     result.write(out)
@@ -164,14 +189,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     for d in args.data:  # FILE or NAME=FILE
         check_inputs({}, {"--data": d.rpartition("=")[2] if "=" in d and not Path(d).exists() else d})
-    check_inputs({"base": args.base, "run": args.run}, {"--shots-from": args.shots_from}, _metrics(args.metrics))
-    from .compare import compare, table
+    check_inputs({"base": args.base, "run": args.run}, {}, _metrics(args.metrics))
+    check_in_context(args)
+    modes = tuple(m.strip() for m in args.shots.split(",") if m.strip())
+    from .retrieve import SHOT_MODES, Rag
+
+    bad = [m for m in modes if m not in SHOT_MODES]
+    if bad or not modes:
+        raise ConfigError(f"--shots {args.shots}: expected a comma-separated list of {', '.join(SHOT_MODES)}")
+    from .compare import compare, table, verdict
 
     results, run_dir = compare(args.base, args.run, args.data, _metrics(args.metrics), few_shot=args.few_shot,
-                               shots_from=args.shots_from, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size)
+                               shots=modes, shots_from=args.shots_from, embedder=args.embedder,
+                               rag=Rag(args.rag, args.k, args.rag_layout) if args.rag else None, limit=args.limit,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(f"\non {', '.join(args.data) or 'the held-out rows of the run'}:")
     print(table(results))
+    if len(results) > 2:
+        print("\n" + verdict(results, "reward" if "reward" in results["base"].metrics else _metrics(args.metrics)[0]))
     print(f"\nwrote {run_dir / 'report.md'} and {run_dir / 'compare.png'}")
     return 0
 
@@ -180,6 +215,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.best_of > 1 or args.reward) and (args.best_of < 2 or not args.reward):
         raise ConfigError("--best-of N needs N >= 2 and --reward REWARD_RUN (the reward model that picks)")
     check_inputs({"model": args.model, "--adapter": args.adapter, "--reward": args.reward}, {"--input": args.input})
+    check_in_context(args)
+    context = in_context(args)
+    if context.active and args.reward:
+        raise ConfigError("--best-of with --few-shot or --rag is not offered: the reward model scores the plain prompt")
     from .data import renderer_for
     from .generate import best_of_n, generate_file, load_for_inference, read_prompts, read_tools
 
@@ -190,7 +229,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                top_p=args.top_p, seed=args.seed)
     if not args.reward:
-        n = generate_file(model, renderer, rows, args.output, tools=tools, **gen)
+        n = generate_file(model, renderer, rows, args.output, tools=tools, context=context, data_cfg=data_cfg, **gen)
         print(f"wrote {n} replies to {args.output}")
         return 0
     from .tasks.reward import Scorer
@@ -219,13 +258,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     check_inputs({"model": args.model, "--adapter": args.adapter})
+    check_in_context(args)
+    context = in_context(args)
     from .generate import chat, load_for_inference, read_tools
 
     tools = read_tools(args.tools) if args.tools else None
     model, tok, data_cfg = load_for_inference(args.model, args.adapter)
     if args.system:
         data_cfg.system = args.system
-    chat(model, tok, data_cfg, args.max_new_tokens, args.temperature, args.top_p, tools=tools)
+    chat(model, tok, data_cfg, args.max_new_tokens, args.temperature, args.top_p, tools=tools, context=context)
     return 0
 
 
@@ -272,6 +313,28 @@ def cmd_distill_cache(args: argparse.Namespace) -> int:
     meta = build(cfg, Path(args.out), args.overwrite, args.batch_size)
     print(f"cached the teacher's top {meta['k']} log-probs for {meta['tokens']:,} trained tokens of {meta['examples']:,} "
           f"examples ({meta['bytes'] / 2**20:.1f} MiB) -> {args.out}; train with train.distill.teacher={args.out}")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    check_inputs({"--embedder": args.embedder})
+    from .retrieve import build_index
+
+    stats = build_index(args.docs, args.out, args.embedder, args.chunk_tokens, args.overlap)
+    print(f"{args.out}: {stats.line()}")
+    return 0
+
+
+def cmd_index_search(args: argparse.Namespace) -> int:
+    if not (Path(args.index) / "sftkit-index.json").is_file():
+        raise ConfigError(f"{args.index}: not an sftkit index (no sftkit-index.json); make one: "
+                          f"sftkit index build DOCS... --out {args.index}")
+    from .retrieve import Index
+
+    for rank, h in enumerate(Index(args.index).search([args.query], args.k)[0], 1):
+        text = " ".join(h.text.split())
+        print(f"{rank}. {h.score:.3f}  {h.id}  {h.source}" + (f"  {h.title}" if h.title else ""))
+        print(f"   {text[:300]}{'...' if len(text) > 300 else ''}")
     return 0
 
 
@@ -339,6 +402,26 @@ GENERATION = [A("--max-new-tokens", type=int, default=64, help="most tokens a re
               A("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens up to this mass"),
               A("--seed", type=int, default=0, help="sampling seed (default 0)")]
 
+def in_context_flags(shots_default: str = "first", compare: bool = False) -> list:
+    return [
+        A("--few-shot", type=int, default=0, metavar="K",
+          help="also score the base with K solved examples in each prompt" if compare else
+          "put K solved examples (from --shots-from) in each prompt"),
+        A("--shots", default=shots_default,
+          help=("comma-separated, a base row each: " if compare else "") + "first (the first K rows), random (K drawn "
+          "by --seed), nearest (the K whose prompts are closest by embedding; never the row itself or its near "
+          f"duplicate); default {shots_default}"),
+        A("--shots-from", help="rows to take the examples from (default: the run's data.train)"),
+        A("--embedder", help="sentence encoder for nearest shots (default minilm-l6, the bundled MiniLM); an "
+                             "index searches with the embedder it was built with"),
+        A("--rag", metavar="INDEX", help=("also score base and tuned with " if compare else "give each prompt ")
+          + "the top --k chunks of INDEX (sftkit index build)"),
+        A("--k", type=int, default=3, help="chunks retrieved per prompt (default 3)"),
+        A("--rag-layout", default="system", choices=["system", "context"],
+          help="where the chunks go: a system message (default) or a block before the question in the user turn"),
+    ]
+
+
 COMMANDS: dict[tuple[str, ...], Command] = {
     ('train',): Command(cmd_train, "fine-tune a model: sftkit train CONFIG [section.key=value ...]", [
         A("config", help="YAML config file"),
@@ -373,8 +456,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         A("--data", required=True, help="held-out rows (any format training reads)"),
         A("--metrics", default="exact_match,token_f1,rouge_l", help="comma-separated: exact_match, exact_match_strict, exact_match_loose, token_f1, rouge_l, module:function"),
         A("--adapter", help="a PEFT adapter directory to apply to MODEL"),
-        A("--few-shot", type=int, default=0, help="put K solved training examples in each prompt"),
-        A("--shots-from", help="rows to take few-shot examples from (default: the run's data.train)"),
+        *in_context_flags(),
         A("--limit", type=int, default=0, help="only the first N rows"),
         A("--no-generate", action="store_true", help="loss metrics only"),
         A("--out", help="directory for eval.json and predictions.jsonl"),
@@ -389,8 +471,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
                "none: the run's own held-out rows, by its named sets"),
         A("--metrics", default="exact_match,token_f1,rouge_l",
           help="comma-separated metrics (as eval); an RL run is scored with its own rewards"),
-        A("--few-shot", type=int, default=0, help="also score the base with K examples in the prompt"),
-        A("--shots-from", help="rows to take few-shot examples from (default: the run's data.train)"),
+        *in_context_flags("first,nearest", compare=True),
         A("--limit", type=int, default=0, help="only the first N rows (0 = all)"),
         A("--max-new-tokens", type=int, default=None,
           help="most tokens a reply may have (default 64; an RL run: its rl.max_new_tokens)"),
@@ -407,6 +488,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         A("--tools", metavar="TOOLS.json", help="function definitions (a JSON list) the template is given for rows "
                                                  "without a `tools` column; the calls in each reply are parsed into "
                                                  "`tool_calls`"),
+        *in_context_flags(),
         *GENERATION,
     ]),
     ('score',): Command(cmd_score, "a reward model's score for each prompt + reply", [
@@ -424,6 +506,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         A("--max-new-tokens", type=int, default=256, help="most tokens a reply may have (default 256)"),
         A("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)"),
         A("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens up to this mass"),
+        A("--seed", type=int, default=0, help="seed of --shots random (default 0)"),
+        *in_context_flags(),
     ]),
     ('export',): Command(cmd_export, "a run's model as a Hugging Face folder (--merge) or GGUF file, checked by reloading", [
         A("run", help="run directory"),
@@ -457,6 +541,21 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         A("--out", required=True, help="folder for the pruned model (plain transformers)"),
         A("--data", metavar="CONFIG", help="score layers on this config's training rows (default: bundled general text)"),
         A("--overwrite", action="store_true", help="replace what --out holds"),
+    ]),
+    ('index',): Command(None, "retrieval: a vector index (LanceDB) of document chunks, for --rag and data.rag", [
+    ]),
+    ('index', 'build'): Command(cmd_index_build, "chunk and embed documents into an index; run again after they change: "
+                                                 "only new or changed documents are embedded", [
+        A("docs", nargs="+", metavar="DOCS", help="JSONL files (`text`, optional `title`), .txt / .md files, folders"),
+        A("--out", required=True, metavar="INDEX", help="the index folder"),
+        A("--chunk-tokens", type=int, default=128, help="chunk size in the embedder's tokens (default 128)"),
+        A("--overlap", type=int, default=16, help="tokens a chunk repeats of the one before (default 16)"),
+        A("--embedder", default="minilm-l6", help="sentence encoder (default minilm-l6, the bundled MiniLM)"),
+    ]),
+    ('index', 'search'): Command(cmd_index_search, "the chunks of an index closest to a query, with their scores", [
+        A("index", metavar="INDEX", help="an index folder (sftkit index build)"),
+        A("query", help="the text to look up"),
+        A("--k", type=int, default=5, help="hits to show (default 5)"),
     ]),
     ('distill',): Command(None, "distillation helpers: an offline cache of the teacher's top-k log-probs", [
     ]),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import matplotlib
@@ -17,28 +16,20 @@ from .export import write_card
 from .generate import load_for_inference
 from .job import log
 from .report import read_metrics
+from .retrieve import LAYOUT_NOTE, InContext, Rag
 from .rewards import parse_rewards
 from .tasks import rl
 
 
-def pick_shots(source: str, k: int, data_cfg: DataConfig, exclude: list[Row] | None = None, seed: int = 0) -> list[Row]:
-    """K solved examples from the training data, chosen by seed, none equal to an evaluated row."""
-    rows = [r for r in load_rows(source, data_cfg.format, data_cfg.columns, None) if r.text is None]
-    banned = {json.dumps(r.messages[-2:]) for r in exclude or []}
-    rows = [r for r in rows if json.dumps(r.messages[-2:]) not in banned]
-    if len(rows) < k:
-        raise ConfigError(f"--few-shot {k}: {source} has only {len(rows)} usable rows")
-    return random.Random(seed).sample(rows, k)
-
-
 def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None = None, data_cfg: DataConfig | None = None,
-             data_overrides: dict | None = None,
-             few_shot: int = 0, shots_from: str | None = None, limit: int = 0, max_new_tokens: int = 64,
-             batch_size: int = 16, generate: bool = True, sampling: dict | None = None, label: str = "model",
-             loaded: tuple | None = None, known_loss: dict | None = None, rows: list[Row] | None = None):
-    """One model on held-out rows (of the file `data`, or `rows` already read). `loaded` is (model,
-    tokenizer, data config) already in memory; `known_loss` the loss metrics already measured on
-    exactly these rows and weights (not measured again)."""
+             data_overrides: dict | None = None, context: InContext | None = None, limit: int = 0,
+             max_new_tokens: int = 64, batch_size: int = 16, generate: bool = True, sampling: dict | None = None,
+             label: str = "model", loaded: tuple | None = None, known_loss: dict | None = None,
+             rows: list[Row] | None = None, costs: bool = False):
+    """One model on held-out rows (of the file `data`, or `rows` already read), with `context`
+    (shots, retrieval) in each prompt if given. `loaded` is (model, tokenizer, data config) already
+    in memory; `known_loss` the loss metrics already measured on exactly these rows and weights
+    (not measured again)."""
     model, tok, run_data = loaded or load_for_inference(target, adapter)
     data_cfg = data_cfg or run_data
     if data_overrides:  # on top of the run's own settings (template, system message, mask), not the defaults
@@ -46,17 +37,14 @@ def run_eval(target: str, data: str, metrics: list[str], *, adapter: str | None 
     if rows is None:
         rows = load_rows(data, data_cfg.format, data_cfg.columns, data_cfg.system)
     rows = rows[:limit] if limit > 0 else rows
-    shots = None
-    if few_shot:
-        source = shots_from or (run_data.train if isinstance(run_data.train, str) else None)
-        if not source:
-            raise ConfigError("--few-shot needs --shots-from FILE (rows to take the examples from)")
-        shots = pick_shots(source, few_shot, data_cfg, exclude=rows)
-    # With examples in the prompt the loss would be of other sequences than the plain rows': leave it out.
-    result = evaluate_model(model, renderer_for(data_cfg, tok), rows, metrics, loss=not shots and not known_loss,
-                            generate_replies=generate, max_new_tokens=max_new_tokens, batch_size=batch_size, shots=shots,
-                            sampling=sampling, label=label)
-    if known_loss and not shots:
+    if context is not None and context.few_shot and not context.shots_from and isinstance(run_data.train, str):
+        context.shots_from = run_data.train  # a run's own training rows
+    extra = context is not None and context.active
+    # With shots or documents in the prompt the loss would be of other sequences than the plain rows': left out.
+    result = evaluate_model(model, renderer_for(data_cfg, tok), rows, metrics, loss=not extra and not known_loss,
+                            generate_replies=generate, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            context=context, data_cfg=data_cfg, sampling=sampling, label=label, costs=costs)
+    if known_loss and not extra:
         result.metrics = {**known_loss, **result.metrics}
     del model
     return result, data_cfg
@@ -102,7 +90,7 @@ def plot(results: dict[str, EvalResult], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in next(iter(results.values())).metrics
-            if k.rpartition("/")[2] not in ("eval_loss", "perplexity")]
+            if k.rpartition("/")[2] not in ("eval_loss", "perplexity", *COSTS)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4))
     width = 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
@@ -128,12 +116,18 @@ def differing_rows(base: EvalResult, tuned: EvalResult, metric: str, n: int = 5)
 
 
 def report_md(results: dict[str, EvalResult], data: str, metric: str, base_name: str, run: Path,
-              sets: list[str] | None = None) -> str:
+              sets: list[str] | None = None, notes: list[str] | None = None) -> str:
     title = f"# Base vs tuned on {len(sets)} held-out sets" if sets else f"# Base vs tuned on `{data}`"
     lines = [title, "", f"Base: `{base_name}`; tuned: `{run}`.", ""]
     if sets:
         lines += [f"Sets: {data}. Each metric is given per set (`NAME/metric`) and as their mean (`mean/metric`).", ""]
-    lines += ["```", table(results), "```", "", "![compare](compare.png)", ""]
+    lines += ["```", table(results), "```", ""]
+    if len(results) > 2 or any(k in r.metrics for r in results.values() for k in COSTS):
+        lines += [verdict(results, metric), ""]
+    if notes:
+        lines += ["The rows beside base and tuned:", "", *(f"- {n}" for n in notes), "",
+                  f"Retrieval prompt layout: {LAYOUT_NOTE}", ""]
+    lines += ["![compare](compare.png)", ""]
     summary = run / "summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
@@ -144,8 +138,7 @@ def report_md(results: dict[str, EvalResult], data: str, metric: str, base_name:
                       "Task gain (tuned - base): " + ", ".join(f"{m} {v:+.3f}" for m, v in gain.items()) + ".  ",
                       f"Forgetting: perplexity on the reference text (`eval.reference`) {s['base_ref_ppl']:.3f} -> "
                       f"{s['base_ref_ppl'] * (1 + s['forgetting']):.3f} ({s['forgetting']:+.1%}).", ""]
-    names = list(results)
-    base, tuned = results[names[0]], results[names[1]]
+    base, tuned = results["base"], results["tuned"]
     rows = differing_rows(base, tuned, metric)
     if rows:
         lines += [f"## Rows where they differ most ({metric})", ""]
@@ -231,63 +224,107 @@ def merged(per_set: dict[str, EvalResult]) -> EvalResult:
     return EvalResult(metrics=metrics, predictions=predictions)
 
 
+COSTS = ("prompt_tokens", "seconds_per_answer")
+
+
+def verdict(results: dict[str, EvalResult], metric: str) -> str:
+    """One sentence: which row wins on `metric`, at what cost, and the best that needs no fine-tuning."""
+    key = f"mean/{metric}" if f"mean/{metric}" in results["base"].metrics else metric
+    scored = {n: r for n, r in results.items() if key in r.metrics}
+    if not scored:
+        return ""
+
+    def cost(r: EvalResult) -> str:
+        tokens = r.metrics.get("prompt_tokens", r.metrics.get(next((k for k in r.metrics if k.endswith("/prompt_tokens")), ""), 0))
+        secs = r.metrics.get("seconds_per_answer", r.metrics.get(next((k for k in r.metrics if k.endswith("/seconds_per_answer")), ""), 0))
+        return f"{tokens:.0f} prompt tokens and {secs:.2f} s per answer"
+
+    best = max(scored, key=lambda n: (scored[n].metrics[key], -scored[n].metrics.get("prompt_tokens", 0)))
+    line = f"{best} wins on {key} ({scored[best].metrics[key]:.3f}; base {scored['base'].metrics[key]:.3f}) at {cost(scored[best])}"
+    untuned = {n: r for n, r in scored.items() if not n.startswith("tuned")}
+    if best.startswith("tuned") and untuned:
+        alt = max(untuned, key=lambda n: untuned[n].metrics[key])
+        line += f"; the best without fine-tuning is {alt} ({untuned[alt].metrics[key]:.3f}, {cost(untuned[alt])})"
+    elif not best.startswith("tuned") and "tuned" in scored:
+        line += f"; tuned scores {scored['tuned'].metrics[key]:.3f} at {cost(scored['tuned'])}"
+    return line + "."
+
+
 def compare(base: str, run: str, data: str | list[str] | None, metrics: list[str], few_shot: int = 0,
-            shots_from: str | None = None, limit: int = 0, max_new_tokens: int | None = None, batch_size: int = 16
+            shots: tuple[str, ...] = ("first", "nearest"), shots_from: str | None = None, embedder: str | None = None,
+            rag: Rag | None = None, limit: int = 0, max_new_tokens: int | None = None, batch_size: int = 16
             ) -> tuple[dict[str, EvalResult], Path]:
-    """Base vs tuned (vs base + few-shot) on each held-out set (see `held_out_sets`); `limit` is per set."""
+    """Base vs tuned on each held-out set (see `held_out_sets`; `limit` is per set), and the
+    alternatives to fine-tuning on the same rows: base + K shots (each of `shots`), base + RAG,
+    tuned + RAG. A run trained with `data.rag` is scored with its own retrieval, as trained."""
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"compare: {run} is not a run directory (no config.yaml)")
     run_cfg = load_config(run_dir / "config.yaml")
     data = [data] if isinstance(data, str) else list(data or [])
     if run_cfg.task == "rl":
-        if few_shot:
-            raise ConfigError("compare: --few-shot is not offered for an RL run (its prompts have no solved replies)")
+        if few_shot or rag:
+            raise ConfigError("compare: --few-shot and --rag are not offered for an RL run (its prompts have no "
+                              "solved replies; its rewards score the plain prompts)")
         if len(data) > 1 or (not data and not isinstance(run_cfg.data.eval, str)):
             raise ConfigError("compare: an RL run is compared on one file of prompts: give --data FILE")
         data = data[0] if data else run_cfg.data.eval
         results = compare_rl(base, run_dir, run_cfg, data, limit, max_new_tokens, batch_size)
         return write_comparison(results, data, "reward", base, run_dir), run_dir
-    # Both models see the rows rendered as the run was trained (template, system message).
+    # Every model sees the rows rendered as the run was trained (template, system message).
     data_cfg = run_cfg.data
+    src = shots_from or (data_cfg.train if isinstance(data_cfg.train, str) else None)
+    if few_shot and not src:
+        raise ConfigError("compare: --few-shot needs --shots-from FILE (the run's data.train is not one file)")
+    emb = embedder or "minilm-l6"
+    run_rag = Rag.of(data_cfg.rag)
+    contexts = {f"base+{few_shot}{mode}": InContext(few_shot, mode, src, emb) for mode in (shots if few_shot else ())}
+    if rag:
+        contexts["base+rag"] = InContext(rag=rag, embedder=emb)
+    tuned_ctx = {"tuned": InContext(rag=run_rag, embedder=emb) if run_rag else None}
+    if rag and rag != run_rag:
+        tuned_ctx["tuned+rag"] = InContext(rag=rag, embedder=emb)
     sets = held_out_sets(run_cfg, data)
     where = next(iter(sets.values()))[0] if len(sets) == 1 else ", ".join(f"{n}: {w}" for n, (w, _) in sets.items())
-    kw = dict(limit=limit, max_new_tokens=max_new_tokens or 64, batch_size=batch_size, data_cfg=data_cfg)
-    per: dict[str, dict[str, EvalResult]] = {"base": {}, "tuned": {}}
-    shot_name = f"base+{few_shot}shot"
-    if few_shot:
-        per[shot_name] = {}
-        src = shots_from or (data_cfg.train if isinstance(data_cfg.train, str) else None)
+    kw = dict(limit=limit, max_new_tokens=max_new_tokens or 64, batch_size=batch_size, data_cfg=data_cfg, costs=True)
+    per: dict[str, dict[str, EvalResult]] = {"base": {}, **{k: {} for k in contexts}, **{k: {} for k in tuned_ctx}}
     log(f"evaluating base model {base}")
-    base_model = load_for_inference(base)  # once, for the plain and the few-shot rows
+    base_model = load_for_inference(base)  # once, for the plain rows and every alternative
     for name, (path, rows) in sets.items():
         tag = f" on {name}" if name else ""
         per["base"][name], _ = run_eval(base, path, metrics, label=f"base{tag}", loaded=base_model, rows=rows, **kw)
-        if few_shot:
-            log(f"evaluating base model with {few_shot} examples in the prompt{tag}")
-            per[shot_name][name], _ = run_eval(base, path, metrics, few_shot=few_shot, shots_from=src, rows=rows,
-                                               label=f"base+{few_shot}-shot{tag}", loaded=base_model, **kw)
+        for row_name, ctx in contexts.items():
+            log(f"evaluating base model with {ctx.label()}{tag}")
+            per[row_name][name], _ = run_eval(base, path, metrics, context=ctx, rows=rows, label=f"{row_name}{tag}",
+                                              loaded=base_model, **kw)
     del base_model
-    log(f"evaluating tuned model {run}")
+    log(f"evaluating tuned model {run}" + (f" with its retrieval ({run_rag.describe()})" if run_rag else ""))
     tuned_model = load_for_inference(run)
     for name, (path, rows) in sets.items():
-        known = final_eval_of_run(run_dir, path, limit) if len(sets) == 1 and (run_dir / "summary.json").is_file() else None
-        if known:
-            log("tuned model's eval loss: the run's final eval on the same rows and weights (not measured again)")
-        per["tuned"][name], _ = run_eval(run, path, metrics, label=f"tuned on {name}" if name else "tuned",
-                                         known_loss=known, loaded=tuned_model, rows=rows, **kw)
+        tag = f" on {name}" if name else ""
+        for row_name, ctx in tuned_ctx.items():
+            known = (final_eval_of_run(run_dir, path, limit)
+                     if ctx is None and len(sets) == 1 and (run_dir / "summary.json").is_file() else None)
+            if known:
+                log("tuned model's eval loss: the run's final eval on the same rows and weights (not measured again)")
+            per[row_name][name], _ = run_eval(run, path, metrics, label=f"{row_name}{tag}", known_loss=known,
+                                              loaded=tuned_model, rows=rows, context=ctx, **kw)
     del tuned_model
     results = {k: merged(v) for k, v in per.items()}
-    results = {"base": results["base"], "tuned": results["tuned"], **{k: v for k, v in results.items() if k not in ("base", "tuned")}}
-    return write_comparison(results, where, metrics[0], base, run_dir, list(sets) if len(sets) > 1 else None), run_dir
+    order = ["base", *contexts, *tuned_ctx]
+    results = {"base": results["base"], "tuned": results["tuned"], **{k: results[k] for k in order if k not in ("base", "tuned")}}
+    notes = [f"{n}: {c.label()}" + (f" ({c.rag.describe()}, embedder {c.embedder})" if c.rag else
+                                    f" from {c.shots_from} (embedder {c.embedder})" if c.shots == "nearest" else
+                                    f" from {c.shots_from}") for n, c in {**contexts, **tuned_ctx}.items() if c]
+    return write_comparison(results, where, metrics[0], base, run_dir, list(sets) if len(sets) > 1 else None, notes), run_dir
 
 
 def write_comparison(results: dict[str, EvalResult], data: str, metric: str, base: str, run_dir: Path,
-                     sets: list[str] | None = None) -> dict[str, EvalResult]:
+                     sets: list[str] | None = None, notes: list[str] | None = None) -> dict[str, EvalResult]:
     for name, r in results.items():
         r.write(run_dir / "compare" / name)
     plot(results, run_dir / "compare.png")
-    (run_dir / "report.md").write_text(report_md(results, data, metric, base, run_dir, sets))
+    (run_dir / "report.md").write_text(report_md(results, data, metric, base, run_dir, sets, notes))
     if (run_dir / "final").is_dir():  # the model card gains the comparison
         write_card(run_dir)
     return results

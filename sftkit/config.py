@@ -46,6 +46,7 @@ class DataConfig:
     template: str = "auto"  # auto = tokenizer's chat template | plain | chatml | llama-3 | alpaca | path.jinja
     system: str | None = None  # system message added to every conversation that has none
     replay: dict[str, Any] = field(default_factory=dict)  # {source: general text, ratio: 0.1}: mix general text (LM loss) into training
+    rag: dict[str, Any] = field(default_factory=dict)  # {index: INDEX, k: 3, layout: system | context}: each prompt gets its top-k retrieved chunks (prompt, never trained), as `--rag` gives them at inference
     on_error: str = "error"  # error = stop at the first bad row | skip = skip bad rows and count them by reason
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import packed_layout
+from .config import DataConfig
 from .data.packing import pack_collate, pad_collate, pad_multiple
 from .data.render import build_examples
 from .data.sources import DataError
 from .generate import generate
 from .loss import TokenLoss, token_loss
 from .metrics import calls_text, classification_report, is_label_set, metric_fn
+from .retrieve import InContext, query_of
 
 
 # -- a whole evaluation ---------------------------------------------------------------------------
@@ -40,14 +43,6 @@ class EvalResult:
         with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
             for p in self.predictions:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
-
-
-def few_shot_prompt(messages: list[dict[str, str]], shots: list) -> list[dict[str, str]]:
-    """Place K solved examples before the question as earlier turns of the same conversation."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    rest = messages[len(system):]
-    demos = [m for s in shots for m in s.messages if m["role"] != "system"]
-    return system + demos + rest
 
 
 def loss_metrics(model, examples: list, batch_size: int, pad_id: int, desc: str | None = None, pack: bool = False,
@@ -120,9 +115,13 @@ def check_references(rows: list) -> None:
 
 
 def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: bool = True, generate_replies: bool = True,
-                   max_new_tokens: int = 64, batch_size: int = 16, shots: list | None = None, sampling: dict | None = None,
-                   label: str = "model") -> EvalResult:
-    """Loss metrics on trained tokens and generation metrics on the final reply of each row."""
+                   max_new_tokens: int = 64, batch_size: int = 16, context: InContext | None = None,
+                   data_cfg: DataConfig | None = None, sampling: dict | None = None, label: str = "model",
+                   costs: bool = False) -> EvalResult:
+    """Loss metrics on trained tokens and generation metrics on the final reply of each row. With
+    `context` (shots, retrieval) each prompt is built by `InContext.apply`, and the cost of an answer
+    is measured beside the scores (`costs`): `prompt_tokens` (mean tokens the model reads per answer) and
+    `seconds_per_answer` (wall time of retrieval and generation, per answer, on this machine)."""
     result = EvalResult()
     if loss:
         examples, _ = build_examples(rows, renderer)
@@ -133,23 +132,30 @@ def evaluate_model(model, renderer, rows: list, metrics: list[str], *, loss: boo
     if generate_replies:
         check_references(gen_rows)
     if generate_replies and gen_rows:
+        t0 = time.time()
         prompts = [r.messages[:-1] for r in gen_rows]
-        if shots:
-            prompts = [few_shot_prompt(p, shots) for p in prompts]
+        info = [{} for _ in prompts]
+        if context is not None and context.active:
+            prompts, info = context.apply(prompts, renderer, data_cfg, held_rows=gen_rows)
         refs = [reference_reply(r.messages[-1]) for r in gen_rows]
         tools = [r.tools for r in gen_rows] if any(r.tools for r in gen_rows) else None
         with tqdm(total=len(prompts), desc=f"generate ({label})", file=sys.stderr, leave=False) as bar:
             preds = generate(model, renderer, prompts, max_new_tokens, batch_size, bar.update, tools=tools,
                              **(sampling or {}))
+        seconds = time.time() - t0
         fns = {m: metric_fn(m) for m in metrics}
-        for r, prompt, ref, pred in zip(gen_rows, prompts, refs, preds):
+        for r, ref, pred, extra in zip(gen_rows, refs, preds, info):
             row_scores = {m: float(f(pred, ref)) for m, f in fns.items()}
-            result.predictions.append({"source": f"{r.source}:{r.line}", "prompt": prompt[-1]["content"],
-                                       "reference": ref, "prediction": pred, "scores": row_scores})
+            result.predictions.append({"source": f"{r.source}:{r.line}", "prompt": query_of(r.messages[:-1]),
+                                       "reference": ref, "prediction": pred, "scores": row_scores, **extra})
         for m in metrics:
             result.metrics[m] = sum(p["scores"][m] for p in result.predictions) / len(result.predictions)
         if is_label_set(refs):
             result.classification = classification_report(preds, refs)
             result.metrics["class_accuracy"] = result.classification["accuracy"]
             result.metrics["macro_f1"] = result.classification["macro_f1"]
+        if costs:
+            lengths = [len(renderer.prompt_ids(p, tools[i] if tools else None)) for i, p in enumerate(prompts)]
+            result.metrics["prompt_tokens"] = sum(lengths) / len(lengths)
+            result.metrics["seconds_per_answer"] = seconds / len(prompts)
     return result

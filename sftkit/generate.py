@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from threading import Thread
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -24,6 +25,9 @@ from .data.sources import DataError, Normaliser, read_source
 from .metrics import parse_tool_calls
 from .models import load_model
 from .rundir import final_model_dir
+
+if TYPE_CHECKING:
+    from .retrieve import InContext
 
 
 def load_for_inference(target: str, adapter: str | None = None, dtype: str = "auto"):
@@ -249,9 +253,11 @@ def _generate_ids(model, renderer: Renderer, encoded: list[list[int]], max_new_t
 
 
 def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-         stdin=None, stdout=None, tools: list[dict] | None = None) -> None:
+         stdin=None, stdout=None, tools: list[dict] | None = None, context: InContext | None = None) -> None:
     """Interactive chat that streams tokens. Commands: /reset, /system TEXT, /exit. With `tools`, the
-    template is given them and each tool call in a reply is printed parsed."""
+    template is given them and each tool call in a reply is printed parsed. With `context` (shots,
+    retrieval), each turn's prompt is built by it, as eval and generate build theirs (the history
+    keeps the turns as typed; the documents are looked up for the newest question)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     renderer = renderer_for(data_cfg, tok)
     system = data_cfg.system
@@ -280,6 +286,12 @@ def chat(model, tok, data_cfg: DataConfig, max_new_tokens: int = 256, temperatur
             continue
         history.append({"role": "user", "content": text})
         msgs = ([{"role": "system", "content": system}] if system else []) + history
+        if context is not None and context.active:
+            (msgs,), (info,) = context.apply([msgs], renderer, data_cfg)
+            for h in info.get("retrieved", []):
+                print(f"(retrieved {h['id']} from {h['source']}, score {h['score']:.3f})", file=stdout)
+            if info.get("shots"):
+                print(f"(examples: {', '.join(info['shots'])})", file=stdout)
         ids = torch.tensor([renderer.prompt_ids(msgs, tools)], device=device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -333,18 +345,24 @@ def read_prompts(path: str) -> list[tuple[dict, list[dict[str, str]]]]:
 
 def generate_file(model, renderer: Renderer, rows: list[tuple[dict, list]], output: str, max_new_tokens: int,
                   batch_size: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                  tools: list[dict] | None = None) -> int:
+                  tools: list[dict] | None = None, context: InContext | None = None,
+                  data_cfg: DataConfig | None = None) -> int:
     """Each row plus `generated` (its reply) into `output` (JSONL); returns the rows written. The
     template is given a row's own `tools` column, else `tools` (--tools); where it has tools, the
-    row also gets `tool_calls`, the calls parsed from its reply (and `tool_call_errors`, blocks that are not)."""
+    row also gets `tool_calls`, the calls parsed from its reply (and `tool_call_errors`, blocks that are not).
+    With `context` the prompts get shots / retrieved chunks, and each row records them (`shots`:
+    where each example came from; `retrieved`: chunk id, source and score)."""
     per_row = [row_tools(obj, "input", i + 1) or tools for i, (obj, _) in enumerate(rows)]  # read_prompts checked them
+    prompts, info = [p for _, p in rows], [{} for _ in rows]
+    if context is not None and context.active:
+        prompts, info = context.apply(prompts, renderer, data_cfg)
     with tqdm(total=len(rows), desc="generate", file=sys.stderr) as bar:
-        replies = generate(model, renderer, [p for _, p in rows], max_new_tokens, batch_size, bar.update,
+        replies = generate(model, renderer, prompts, max_new_tokens, batch_size, bar.update,
                            temperature=temperature, top_p=top_p, seed=seed,
                            tools=per_row if any(per_row) else None)
     with open(output, "w", encoding="utf-8") as f:
-        for (obj, _), reply, t in zip(rows, replies, per_row):
-            out = {**obj, "generated": reply}
+        for (obj, _), reply, t, extra in zip(rows, replies, per_row, info):
+            out = {**obj, "generated": reply, **extra}
             if t:
                 out["tool_calls"], bad = parse_tool_calls(reply)
                 if bad:

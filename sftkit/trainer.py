@@ -105,6 +105,8 @@ def train(cfg: Config, overwrite: bool = False, resume: bool = False,
     if isinstance(cfg.data.eval, dict) and cfg.task != "sft":
         raise ConfigError(f"data.eval: named eval sets ({{name: path}}) are for task: sft; task: {cfg.task} takes one "
                           "path")
+    if cfg.data.rag and cfg.task != "sft":
+        raise ConfigError(f"data.rag: retrieval-augmented training is for task: sft, not task: {cfg.task}")
     task = TASKS[cfg.task]
     if hasattr(task, "check"):  # the task's own config checks, before anything is written
         task.check(cfg)

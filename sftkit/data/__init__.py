@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 
@@ -87,8 +88,13 @@ def replay_rows(spec: dict, n_train: int, seed: int) -> list[Row]:
     return [rows[rng.randrange(len(rows))] for _ in range(n)]
 
 
-def prepare(cfg: DataConfig, seed: int, renderer: Renderer) -> Prepared:
+def prepare(cfg: DataConfig, seed: int, renderer: Renderer,
+            augment: Callable[[list[Row]], list[Row]] | None = None) -> Prepared:
+    """`augment`: a change to every row before it is rendered, training and held-out alike (data.rag:
+    retrieved context in the prompt)."""
     train_rows, eval_rows, read_stats = read(cfg, seed)
+    if augment is not None:
+        train_rows, eval_rows = augment(train_rows), augment(eval_rows) if eval_rows else eval_rows
     train, train_stats = build_examples(train_rows, renderer)
     eval_ex, eval_stats = build_examples(eval_rows, renderer) if eval_rows else ([], None)
     sets: dict[str, tuple[list[Example], list[Row]]] = {}

@@ -136,11 +136,15 @@ class NearIndex:
         self.owner = ngram_owners(rows, n)
 
     def near(self, row: Row) -> int | None:
+        hits = self.all_near(row)
+        return min(hits) if hits else None
+
+    def all_near(self, row: Row) -> set[int]:
+        """Every row the index holds that is a near duplicate of `row`."""
         from datasketch import MinHash
 
         m = MinHash.bulk([shingles_of(row, self.shingle)], num_perm=self.num_perm)[0]
-        hits = self.lsh.query(m)
-        return min(int(h) for h in hits) if hits else None
+        return {int(h) for h in self.lsh.query(m)}
 
     def overlap(self, row: Row) -> int | None:
         return next((self.owner[g] for g in ngrams(" ".join(row_texts(row)), self.n) if g in self.owner), None)

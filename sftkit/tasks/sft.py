@@ -28,6 +28,7 @@ from ..job import MODEL_PREFIX, Job, Run, RunResult, cap_max_length, log
 from ..loss import NEFTune, TokenLoss
 from ..metrics import metric_fn
 from ..models import apply_method, count_parameters, load_model
+from ..retrieve import Index, Rag, rag_rows
 
 
 def forward_tokens(cfg: Config) -> int:
@@ -98,8 +99,24 @@ def generation_metrics(cfg: Config) -> list[str]:
     return [cfg.eval.metric] + ([metric] if metric not in LOSS_SELECT and metric != cfg.eval.metric else [])
 
 
+def rag_augment(cfg: Config, renderer: Renderer):
+    """data.rag: each training and held-out prompt with its retrieved chunks (never trained), built by
+    the function --rag uses at inference. None without data.rag."""
+    rag = Rag.of(cfg.data.rag)
+    if rag is None:
+        return None
+    index = Index(rag.index)
+    log(f"data.rag: each prompt gets retrieved context ({rag.describe()}; {index.meta['chunks']} chunks, embedder "
+        f"{index.meta['embedder']}); the context is prompt, never trained")
+    return lambda rows: rag_rows(rows, rag, renderer, index)
+
+
 def check(cfg: Config) -> None:
     check_distill(cfg)
+    rag = Rag.of(cfg.data.rag)
+    if rag is not None and not (Path(rag.index) / "sftkit-index.json").is_file():
+        raise ConfigError(f"data.rag.index {rag.index}: not an sftkit index (no sftkit-index.json); make one: "
+                          f"sftkit index build DOCS... --out {rag.index}")
     name = split_select(cfg)[1]
     if name not in LOSS_SELECT:
         try:
@@ -140,7 +157,7 @@ def prepare(cfg: Config, run: Run) -> Job:
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.peft.method == "qlora")
     cap_max_length(cfg, model)
     renderer = renderer_for(cfg.data, tok)
-    data = prepare_data(cfg.data, cfg.train.seed, renderer)
+    data = prepare_data(cfg.data, cfg.train.seed, renderer, rag_augment(cfg, renderer))
     for line in data.summary():
         log(line)
     train_ex, eval_ex, eval_rows = data.train, data.eval, data.eval_rows

@@ -2,8 +2,6 @@
 
 import pytest
 
-from sftkit.data.sources import Normaliser
-from sftkit.evaluate import few_shot_prompt
 from sftkit.metrics import (
     classification_report,
     exact_match,
@@ -53,13 +51,6 @@ def test_user_metric_module_function(tmp_path, monkeypatch):
     assert score(["abc", "b"], ["axe", "c"], "mymetrics:first_char") == 0.5
     with pytest.raises(ValueError, match="cannot import nope"):
         metric_fn("mymetrics:nope")
-
-
-def test_few_shot_prompt_places_examples_as_earlier_turns():
-    n = Normaliser("x")
-    shots = [n({"prompt": "q1", "completion": "a1"}, 1), n({"prompt": "q2", "completion": "a2"}, 2)]
-    got = few_shot_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], shots)
-    assert [m["content"] for m in got] == ["s", "q1", "a1", "q2", "a2", "q"]
 
 
 def test_a_misspelt_metric_gets_a_did_you_mean():
