@@ -10,7 +10,6 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from threading import Thread
-from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -24,10 +23,8 @@ from .data.render import Renderer
 from .data.sources import DataError, Normaliser, read_source
 from .metrics import parse_tool_calls
 from .models import load_model
+from .retrieve import InContext
 from .rundir import final_model_dir
-
-if TYPE_CHECKING:
-    from .retrieve import InContext
 
 
 def load_for_inference(target: str, adapter: str | None = None, dtype: str = "auto"):

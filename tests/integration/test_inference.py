@@ -51,12 +51,17 @@ def test_compare_writes_report_and_plot(tiny_run, tiny_model_dir, capsys):
                  "--max-new-tokens", "4", "--metrics", "exact_match"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("metric"))
-    assert header.split() == ["metric", "base", "tuned", "base+2shot"]
+    assert header.split() == ["metric", "base", "tuned", "base+2first", "base+2nearest"]
+    assert " wins on exact_match " in out  # which row wins, at what cost
     assert (run / "compare.png").stat().st_size > 1000
     report = (run / "report.md").read_text()
     assert "# Base vs tuned" in report and "exact_match" in report
     assert "## Task gain next to forgetting" in report and "Forgetting: perplexity on the reference text" in report
-    for name in ("base", "tuned", "base+2shot"):
+    assert "prompt tokens and" in report and "base+2nearest: 2 nearest shots from" in report
+    tuned = json.loads((run / "compare" / "tuned" / "eval.json").read_text())["metrics"]
+    shots = json.loads((run / "compare" / "base+2first" / "eval.json").read_text())["metrics"]
+    assert shots["prompt_tokens"] > tuned["prompt_tokens"] > 0 and tuned["seconds_per_answer"] > 0
+    for name in ("base", "tuned", "base+2first", "base+2nearest"):
         assert (run / "compare" / name / "eval.json").is_file()
 
 
