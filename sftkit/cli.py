@@ -454,7 +454,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ('eval',): Command(cmd_eval, "score a model on held-out rows: loss metrics and generation metrics", [
         A("model", help="alias, model directory, run directory, or base model with --adapter"),
         A("--data", required=True, help="held-out rows (any format training reads)"),
-        A("--metrics", default="exact_match,token_f1,rouge_l", help="comma-separated: exact_match, exact_match_strict, exact_match_loose, token_f1, rouge_l, module:function"),
+        A("--metrics", default="exact_match,token_f1,rouge_l", help="comma-separated: exact_match, exact_match_strict, exact_match_loose, token_f1, rouge_l, contains, tool_call, module:function"),
         A("--adapter", help="a PEFT adapter directory to apply to MODEL"),
         *in_context_flags(),
         A("--limit", type=int, default=0, help="only the first N rows"),

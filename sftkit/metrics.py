@@ -42,6 +42,15 @@ def _words(s: str) -> list[str]:
     return normalise_text(s, punctuation=True).split()
 
 
+def contains(prediction: str, reference: str) -> float:
+    """The reference's words appear, in order and together, among the reply's (case and punctuation
+    ignored): a short answer given inside a sentence counts ("It was founded in 1768." for "1768")."""
+    ref, pred = _words(reference), _words(prediction)
+    if not ref:
+        return float(not pred)
+    return float(any(pred[i : i + len(ref)] == ref for i in range(len(pred) - len(ref) + 1)))
+
+
 def token_f1(prediction: str, reference: str) -> float:
     p, r = _words(prediction), _words(reference)
     if not p or not r:
@@ -115,7 +124,7 @@ def tool_call(prediction: str, reference: str) -> float:
 
 METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match, "exact_match_strict": exact_match_strict, "exact_match_loose": exact_match_loose,
-    "token_f1": token_f1, "rouge_l": rouge_l, "tool_call": tool_call,
+    "token_f1": token_f1, "rouge_l": rouge_l, "tool_call": tool_call, "contains": contains,
 }
 
 

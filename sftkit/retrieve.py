@@ -349,7 +349,7 @@ class Index:
         vectors = self.embedder(queries)
         out = []
         for v in vectors:
-            found = (self.table.search(v).metric("cosine").select(["id", "title", "source", "text"]).limit(k).to_list())
+            found = (self.table.search(v).metric("cosine").select(["id", "title", "source", "text", "_distance"]).limit(k).to_list())
             out.append([Hit(r["id"], r["text"], r["title"], r["source"], 1.0 - float(r["_distance"])) for r in found])
         return out
 

@@ -70,6 +70,9 @@ def page(title: str, body: str, kind: str = "", args=None, status: int = 200) ->
 <script src="/static/vendor/uPlot.iife.min.js"></script><script src="/static/app.js"></script></body></html>""")
 
 
+COSTS = ("prompt_tokens", "seconds_per_answer")  # what compare measures beside the scores, shown last
+
+
 def fmt(v, digits: int = 4) -> str:
     if v is None:
         return "–"
@@ -272,7 +275,9 @@ class Dashboard:
         config = (run / "config.yaml").read_text(encoding="utf-8", errors="replace") if (run / "config.yaml").is_file() else ""
         parts = [f"<h1>{e(name)} <span class=\"status {e(info['status'])}\" id=status>{e(info['status'])}</span></h1>",
                  f"<p class=why>{e(info['why'])}</p>" if info["why"] else "",
-                 f"<p><a href=\"{run_link(name, 'data')}\">Data</a> · <a href=\"{run_link(name, 'chat')}\">Chat</a></p>",
+                 f"<p><a href=\"{run_link(name, 'data')}\">Data</a> · <a href=\"{run_link(name, 'chat')}\">Chat</a>"
+                 + (f" · <a id=comparison href=\"/compare?run={e(quote(name))}\">Base vs tuned vs alternatives</a>"
+                    if R.comparison(run) else "") + "</p>",
                  "<h2>Curves</h2><div id=charts class=charts></div>"]
         report = run / "report.md"
         text = report.read_text(encoding="utf-8", errors="replace") if report.is_file() else ""
@@ -302,17 +307,28 @@ class Dashboard:
 
     def compare_page(self, request: Request) -> HTMLResponse:
         names = request.query_params.getlist("run")
-        if len(names) < 2:
-            return page("Compare", "<h1>Compare</h1><p>Tick two or more runs on the <a href=/>runs page</a>.</p>")
-        configs = {n: R.read_config(self.run_dir(n)) for n in names}
-        diff = R.config_diff(configs)
-        head = "<tr><th>key</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>"
-        rows = "".join(f"<tr><td>{e(k)}</td>" + "".join(f"<td>{e(json.dumps(v, default=str))}</td>" for v in vals)
-                       + "</tr>" for k, vals in diff)
-        table = f"<table id=diff>{head}{rows}</table>" if diff else "<p>The configs are the same.</p>"
-        body = (f"<h1>Compare {len(names)} runs</h1><div id=charts class=charts></div>"
-                f"<h2>Config differences</h2>{table}")
-        return page("Compare", body, "compare", names)
+        if not names:
+            return page("Compare", "<h1>Compare</h1><p>Tick runs on the <a href=/>runs page</a>.</p>")
+        parts = [f"<h1>Compare {len(names)} run{'s' if len(names) > 1 else ''}</h1><div id=charts class=charts></div>"]
+        if len(names) > 1:
+            diff = R.config_diff({n: R.read_config(self.run_dir(n)) for n in names})
+            head = "<tr><th>key</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>"
+            rows = "".join(f"<tr><td>{e(k)}</td>" + "".join(f"<td>{e(json.dumps(v, default=str))}</td>" for v in vals)
+                           + "</tr>" for k, vals in diff)
+            parts.append("<h2>Config differences</h2>" + (f"<table id=diff>{head}{rows}</table>" if diff
+                                                          else "<p>The configs are the same.</p>"))
+        for n in names:  # `sftkit compare`'s table: base, tuned and the alternatives (shots, retrieval), with costs
+            rows = R.comparison(self.run_dir(n))
+            if not rows:
+                continue
+            keys = list(dict.fromkeys(k for _, m in rows for k in m if k not in COSTS)) + [
+                k for k in COSTS if any(k in m for _, m in rows)]
+            head = "<tr><th>row</th>" + "".join(f"<th>{e(k)}</th>" for k in keys) + "</tr>"
+            body = "".join(f"<tr data-row=\"{e(r)}\"><td>{e(r)}</td>" + "".join(f"<td>{fmt(m.get(k))}</td>" for k in keys)
+                           + "</tr>" for r, m in rows)
+            parts.append(f"<h2>Base vs tuned vs alternatives: {e(n)}</h2><table class=comparison data-run=\"{e(n)}\">"
+                         f"{head}{body}</table>")
+        return page("Compare", "".join(parts), "compare", names)
 
     def data_page(self, request: Request) -> HTMLResponse:
         name = request.path_params["name"]

@@ -197,3 +197,17 @@ def last_samples(run: Path, limit: int = 20) -> tuple[str, object, list[tuple[st
             p = p[-1].get("content")
         rows.append((str(p), str(r.get("completion", "")), r.get("reward")))
     return str(last[0]), last[1], rows[:limit]
+
+
+def comparison(run: Path) -> list[tuple[str, dict]]:
+    """What `sftkit compare` wrote for a run: (row name, its metrics) for each row (base, tuned and
+    the alternatives: shots, retrieval), base and tuned first, then in the order compare names them."""
+    folder = run / "compare"
+    if not folder.is_dir():
+        return []
+    found = {p.name: read_json(p / "eval.json").get("metrics", {}) for p in folder.iterdir()
+             if p.is_dir() and (p / "eval.json").is_file()}
+    lead = [n for n in ("base", "tuned") if n in found]
+    rest = sorted(n for n in found if n not in lead and not n.startswith("tuned"))
+    tail = sorted(n for n in found if n not in lead and n.startswith("tuned"))
+    return [(n, found[n]) for n in lead[:1] + rest + lead[1:] + tail]

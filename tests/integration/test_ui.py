@@ -205,6 +205,23 @@ def test_named_eval_sets_get_a_chart_each_and_their_names_are_text(server, runs_
     shutil.rmtree(sets)
 
 
+def test_the_compare_page_shows_the_comparison_table_of_a_run_as_text(server, runs_root, tab):
+    odd = runs_root / "tiny" / "compare" / "<img src=x onerror=window.__cmp_ran=1>"
+    shutil.copytree(runs_root / "tiny" / "compare" / "base", odd)
+    try:
+        tab.goto(server[0] + "/run/tiny")
+        tab.locator("#comparison").click()  # the run page links to it
+        table = tab.locator("table.comparison[data-run='tiny']")
+        rows = table.locator("tr").all_inner_texts()
+        assert [r.split("\t")[0] for r in rows] == ["row", "base", odd.name, "tuned"]
+        assert "exact_match" in rows[0] and "prompt_tokens" in rows[0] and rows[0].endswith("seconds_per_answer")
+        base = json.loads((runs_root / "tiny" / "compare" / "base" / "eval.json").read_text())["metrics"]
+        assert f"{base['exact_match']:.4f}" in rows[1]
+        assert table.locator("img").count() == 0 and tab.evaluate("window.__cmp_ran") is None
+    finally:
+        shutil.rmtree(odd)
+
+
 def test_compare_overlays_runs_and_diffs_their_configs(server, tab, tmp_path):
     url = server[0]
     tab.goto(url + "/")

@@ -58,3 +58,13 @@ def test_a_misspelt_metric_gets_a_did_you_mean():
 
     with pytest.raises(ConfigError, match="did you mean 'exact_match'"):
         metric_fn("exact_mtch")
+
+
+def test_contains_finds_the_answer_as_whole_words_in_the_reply():
+    from sftkit.metrics import contains
+
+    assert contains("Marbramere was founded in 1768.", "1768") == 1.0
+    assert contains("It stands on the Ostra river", "the ostra river") == 1.0
+    assert contains("founded in 17689", "1768") == 0.0  # whole words only
+    assert contains("river Ostra the", "the Ostra river") == 0.0  # in order
+    assert contains("", "1768") == 0.0 and metric_fn("contains") is contains

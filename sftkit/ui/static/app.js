@@ -97,7 +97,7 @@ const sftkit = (() => {
     if (!b) return;
     b.addEventListener("click", () => {
       const picked = [...document.querySelectorAll("input.pick:checked")].map(x => x.value);
-      if (picked.length < 2) { alert("Tick two or more runs"); return; }
+      if (picked.length < 1) { alert("Tick one run (its base vs tuned table) or more (their curves side by side)"); return; }
       location.href = "/compare?" + picked.map(n => "run=" + encodeURIComponent(n)).join("&");
     });
   }
