@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: install, convert the embedded model, fine-tune it on the dates task, compare base /
-# tuned / base + 3-shot; then a table of how long each phase took on this machine.
+# tuned / base + 3 shots (first and nearest); then a table of how long each phase took on this machine.
 set -euo pipefail
 VENV=${VENV:-.venv}
 BIN=$VENV/bin
