@@ -1,6 +1,7 @@
 """Tool calls and reasoning traces: read into one message shape, rendered by the template, masked right."""
 
 import json
+import re
 
 import pytest
 
@@ -173,3 +174,14 @@ def test_a_bad_tools_file_or_column_stops_before_the_model_loads(tmp_path):
     rows.write_text('{"prompt": "q", "tools": "[oops"}\n')
     with pytest.raises(DataError, match=r"in.jsonl:1: tools: not JSON"):
         read_prompts(str(rows))
+
+
+def test_data_inspect_marks_the_call_trained_and_the_tool_result_not(tokenizer):
+    """`sftkit data inspect` (and the dashboard's Data page, from the same labels) shows a tool row
+    as trained: the call and the final answer are marked, the tool's result is plain."""
+    from sftkit.data.quality import highlight
+
+    shown = highlight(Renderer(tokenizer, template="qwen3").render(row(TOOL_CHAT)), tokenizer, color=False)
+    marked = re.findall(r"\[\[(.*?)\]\]", shown, flags=re.S)
+    assert any('"name": "get_weather"' in m for m in marked) and any("12 degrees" in m for m in marked)
+    assert "tool_response" in shown and not any("tool_response" in m or "temp" in m for m in marked)
