@@ -160,6 +160,23 @@ def check_in_context(args: argparse.Namespace) -> None:
         raise ConfigError(f"--k {args.k}: expected at least 1")
 
 
+def cmd_data_pairs(args: argparse.Namespace) -> int:
+    check_inputs({}, {"reviews": args.reviews})
+    from .reviews import write_pairs
+
+    stats = write_pairs(args.reviews, args.out)
+    print(f"{args.out}: {stats.line()}; train on them with task: preference or task: reward (data.train={args.out})")
+    return 0
+
+
+def cmd_data_agreement(args: argparse.Namespace) -> int:
+    check_inputs({}, {"reviews": args.reviews})
+    from .reviews import agreement
+
+    print("\n".join(agreement(args.reviews).lines(args.top)))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     check_inputs({"model": args.model, "--adapter": args.adapter}, {"--data": args.data}, _metrics(args.metrics))
     check_in_context(args)
@@ -442,6 +459,14 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         A("--quality", action="store_true", help="also: near duplicates, contamination, lint, diversity"),
         A("--report", metavar="DIR", help="write data_report.md with plots to DIR (implies --quality)"),
         A("--no-embeddings", action="store_true", help="skip the embedding-based diversity (faster)"),
+    ]),
+    ('data', 'pairs'): Command(cmd_data_pairs, "preference pairs from people's rankings and grades (a review file)", [
+        A("reviews", help="reviews.jsonl: one judgement per line, beside its candidates file"),
+        A("--out", required=True, help="JSONL of prompt, chosen, rejected, margin (task: preference / reward)"),
+    ]),
+    ('data', 'agreement'): Command(cmd_data_agreement, "inter-rater agreement of a review file (Krippendorff's alpha, ordinal)", [
+        A("reviews", help="reviews.jsonl"),
+        A("--top", type=int, default=5, help="prompts with the most disagreement to show (default 5)"),
     ]),
     ('data', 'clean'): Command(cmd_data_clean, "write the training rows without the flagged ones, and removed.jsonl with reasons", [
         A("config", help="YAML config file"),
