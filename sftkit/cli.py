@@ -234,6 +234,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_inputs({"model": args.model, "--adapter": args.adapter, "--reward": args.reward}, {"--input": args.input})
     check_in_context(args)
     context = in_context(args)
+    for r in args.runs:
+        check_inputs({"--runs": r})
+    if args.n > 1 or args.runs:
+        if args.reward or context.active or args.tools:
+            raise ConfigError("--n / --runs write candidates for people to judge: not with --reward, --tools, "
+                              "--few-shot or --rag")
+        from .generate import load_for_inference, read_prompts, write_candidates
+
+        rows = read_prompts(args.input)
+        names = [args.model, *args.runs]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"--runs: a model is given twice ({', '.join(names)})")
+        sources = [(m, lambda m=m: load_for_inference(m, args.adapter if m == args.model else None)) for m in names]
+        made = write_candidates(sources, rows, args.output, args.n, args.max_new_tokens, args.batch_size,
+                                args.temperature, args.top_p, args.seed)
+        print(f"wrote {made} candidates ({args.n} per prompt from each of {len(names)} models, shuffled) for "
+              f"{len(rows)} prompts to {args.output}; judge them on the dashboard's Review page")
+        return 0
     if context.active and args.reward:
         raise ConfigError("--best-of with --few-shot or --rag is not offered: the reward model scores the plain prompt")
     from .data import renderer_for
@@ -510,6 +528,10 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         A("--best-of", type=int, default=1, metavar="N", help="sample N replies per prompt, keep the best by --reward"),
         A("--reward", metavar="REWARD_RUN", help="a reward model (task: reward run) that scores the N replies"),
         A("--pairs-out", metavar="FILE.jsonl", help="with --best-of: write best vs worst as preference pairs"),
+        A("--n", type=int, default=1, help="candidates for review: N sampled replies per prompt (with --temperature), "
+                                           "one line per prompt with `candidates`"),
+        A("--runs", nargs="+", default=[], metavar="RUN", help="with --n: also N replies from each of these runs or "
+                                                               "models, shuffled in with MODEL's (the source kept in the file)"),
         A("--tools", metavar="TOOLS.json", help="function definitions (a JSON list) the template is given for rows "
                                                  "without a `tools` column; the calls in each reply are parsed into "
                                                  "`tool_calls`"),

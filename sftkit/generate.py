@@ -389,6 +389,47 @@ def read_tools(path: str) -> list[dict]:
         raise ConfigError(f"--tools: {e}") from None
 
 
+def write_candidates(sources: list[tuple[str, Callable[[], tuple]]], rows: list[tuple[dict, list]], output: str,
+                     n: int, max_new_tokens: int, batch_size: int, temperature: float, top_p: float = 1.0,
+                     seed: int = 0) -> int:
+    """Candidates for people to judge (the review page): `n` sampled replies per prompt from each
+    source (name, a loader of (model, tokenizer, data config)), one model in memory at a time. Each
+    reply is sampled from its own seed, so a candidate can be made again alone. A prompt's
+    candidates are shuffled by seed, so their place says nothing of their source; each keeps its
+    model, run, seed and sampling settings in the file (the page shows the reply only). One line per
+    prompt: the input row, `id` (its `id` column, else its line number) and `candidates`."""
+    import random
+
+    if n < 1:
+        raise ConfigError(f"--n {n}: expected at least 1")
+    if n > 1 and temperature <= 0:
+        raise ConfigError("--n samples several replies: give --temperature > 0 (e.g. 0.8), or they are the same")
+    prompts = [p for _, p in rows]
+    found: list[list[dict]] = [[] for _ in rows]
+    for s_i, (name, load) in enumerate(sources):
+        model, tok, data_cfg = load()
+        renderer = renderer_for(data_cfg, tok)
+        seeds = [seed + 1_000_003 * s_i + n * i + k for i in range(len(rows)) for k in range(n)]
+        with tqdm(total=len(seeds), desc=f"candidates ({name})", file=sys.stderr) as bar:
+            ids = generate_ids(model, renderer, [p for p in prompts for _ in range(n)], max_new_tokens, batch_size,
+                               bar.update, temperature, top_p, row_seeds=seeds if temperature > 0 else None)
+        run = name if (Path(name) / "config.yaml").is_file() else None
+        for j, reply in enumerate(ids):
+            i = j // n
+            found[i].append({"reply": tok.decode(reply, skip_special_tokens=True), "model": name, "run": run,
+                             "seed": seeds[j], "temperature": temperature, "top_p": top_p,
+                             "max_new_tokens": max_new_tokens})
+        del model
+    with open(output + ".tmp", "w", encoding="utf-8") as f:
+        for line, ((obj, _), cands) in enumerate(zip(rows, found), 1):
+            pid = str(obj.get("id", line)) if isinstance(obj, dict) else str(line)
+            random.Random(f"{seed}:{pid}").shuffle(cands)
+            out = {**obj, "id": pid, "candidates": [{"id": f"{pid}-c{k}", **c} for k, c in enumerate(cands)]}
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+    Path(output + ".tmp").replace(output)
+    return sum(len(c) for c in found)
+
+
 def best_of_n(model, renderer: Renderer, rows: list[tuple[dict, list]], score: Callable[[list], list[float]],
               n: int, output: str, pairs_out: str | None, max_new_tokens: int, batch_size: int,
               temperature: float, top_p: float = 1.0, seed: int = 0) -> int:
