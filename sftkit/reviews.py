@@ -80,6 +80,38 @@ def _grade(v, at: str) -> int:
     return v
 
 
+def judgement_of(obj, at: str, line: int = 0) -> Judgement:
+    """One review line -> Judgement, or a DataError naming `at` (file:line) and the field."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{at}: expected an object per line")
+    for key in ("reviewer", "prompt_id", "candidates"):
+        if not isinstance(obj.get(key), str) or not obj[key].strip():
+            raise DataError(f"{at}: {key}: expected a non-empty string")
+    grades = obj.get("grades") or {}
+    if not isinstance(grades, dict):
+        raise DataError(f"{at}: grades: expected {{candidate id: {{criterion: 1-5}}}}")
+    clean: dict[str, dict[str, int]] = {}
+    for cid, g in grades.items():
+        if not isinstance(g, dict) or set(g) - set(CRITERIA):
+            raise DataError(f"{at}: grades.{cid}: expected criteria among {', '.join(CRITERIA)}")
+        clean[cid] = {k: _grade(v, f"{at}: grades.{cid}.{k}") for k, v in g.items()}
+    ranking = obj.get("ranking") or []
+    if not isinstance(ranking, list) or not all(isinstance(t, list) and t and all(isinstance(c, str) for c in t)
+                                                for t in ranking):
+        raise DataError(f"{at}: ranking: expected tiers, best first: [[id], [id, id], ...]")
+    ranked = [c for t in ranking for c in t]
+    if len(ranked) != len(set(ranked)):
+        raise DataError(f"{at}: ranking: a candidate is ranked twice")
+    flags = obj.get("flags") or {}
+    if not isinstance(flags, dict) or not all(isinstance(v, list) and set(v) <= set(FLAGS) for v in flags.values()):
+        raise DataError(f"{at}: flags: expected {{candidate id: [{', '.join(FLAGS)}]}}")
+    comment = obj.get("comment", "")
+    if not isinstance(comment, str):
+        raise DataError(f"{at}: comment: expected a string")
+    return Judgement(obj["reviewer"], obj["prompt_id"], obj["candidates"], clean, ranking,
+                     {k: v for k, v in flags.items() if v}, comment, line)
+
+
 def read_reviews(path: str | Path) -> list[Judgement]:
     """Each reviewer's latest judgement of each prompt, in file order; bad lines name file:line: field."""
     path = Path(path)
@@ -87,35 +119,35 @@ def read_reviews(path: str | Path) -> list[Judgement]:
     for line, obj in read_source(str(path)):
         if isinstance(obj, DataError):
             raise obj
-        at = f"{path}:{line}"
-        if not isinstance(obj, dict):
-            raise DataError(f"{at}: expected an object per line")
-        for key in ("reviewer", "prompt_id", "candidates"):
-            if not isinstance(obj.get(key), str) or not obj[key]:
-                raise DataError(f"{at}: {key}: expected a non-empty string")
-        grades = obj.get("grades") or {}
-        if not isinstance(grades, dict):
-            raise DataError(f"{at}: grades: expected {{candidate id: {{criterion: 1-5}}}}")
-        clean: dict[str, dict[str, int]] = {}
-        for cid, g in grades.items():
-            if not isinstance(g, dict) or set(g) - set(CRITERIA):
-                raise DataError(f"{at}: grades.{cid}: expected criteria among {', '.join(CRITERIA)}")
-            clean[cid] = {k: _grade(v, f"{at}: grades.{cid}.{k}") for k, v in g.items()}
-        ranking = obj.get("ranking") or []
-        if not isinstance(ranking, list) or not all(isinstance(t, list) and t and all(isinstance(c, str) for c in t)
-                                                    for t in ranking):
-            raise DataError(f"{at}: ranking: expected tiers, best first: [[id], [id, id], ...]")
-        ranked = [c for t in ranking for c in t]
-        if len(ranked) != len(set(ranked)):
-            raise DataError(f"{at}: ranking: a candidate is ranked twice")
-        flags = obj.get("flags") or {}
-        if not isinstance(flags, dict) or not all(isinstance(v, list) and set(v) <= set(FLAGS) for v in flags.values()):
-            raise DataError(f"{at}: flags: expected {{candidate id: [{', '.join(FLAGS)}]}}")
-        j = Judgement(obj["reviewer"], obj["prompt_id"], obj["candidates"], clean, ranking,
-                      {k: v for k, v in flags.items() if v}, str(obj.get("comment", "")), line)
+        j = judgement_of(obj, f"{path}:{line}", line)
         latest.pop((j.reviewer, j.prompt_id), None)  # re-judged: the latest counts, at its place
         latest[(j.reviewer, j.prompt_id)] = j
     return list(latest.values())
+
+
+def check_ids(j: Judgement, row: dict, at: str) -> None:
+    """Every candidate a judgement names is one of its prompt's."""
+    known = {c["id"] for c in row["candidates"]}
+    named = [c for t in j.ranking for c in t] + list(j.grades) + list(j.flags)
+    unknown = [c for c in named if c not in known]
+    if unknown:
+        raise DataError(f"{at}: ranking: {unknown[0]!r} is not a candidate of prompt {j.prompt_id!r}")
+
+
+def append_judgement(reviews: Path, line: dict) -> None:
+    """One judgement onto the review file, whole or not at all: one O_APPEND write of the full line
+    (concurrent writers never interleave within a line), fsynced before this returns."""
+    import os
+
+    data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(reviews, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"{reviews}: wrote {written} of {len(data)} bytes of a judgement")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def tiers(j: Judgement) -> list[list[str]]:
@@ -159,11 +191,8 @@ def review_pairs(reviews: str | Path) -> tuple[list[dict], PairStats]:
         row = candidates[j.candidates_file].get(j.prompt_id)
         if row is None:
             raise DataError(f"{reviews}:{j.line}: prompt_id: {j.prompt_id!r} is not in {j.candidates_file}")
-        known = {c["id"] for c in row["candidates"]}
+        check_ids(j, row, f"{reviews}:{j.line}")
         order = tiers(j)
-        unknown = [c for t in order for c in t if c not in known]
-        if unknown:
-            raise DataError(f"{reviews}:{j.line}: ranking: {unknown[0]!r} is not a candidate of prompt {j.prompt_id!r}")
         stats.counts["tied pairs"] += sum(len(t) * (len(t) - 1) // 2 for t in order if not set(t) <= set(j.flags))
         for i, upper in enumerate(order):
             for lower in order[i + 1:]:

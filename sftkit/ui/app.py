@@ -17,6 +17,7 @@ import queue
 import secrets
 import threading
 from collections import OrderedDict
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
@@ -66,7 +67,7 @@ def page(title: str, body: str, kind: str = "", args=None, status: int = 200) ->
     return HTMLResponse(status_code=status, content=f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>{e(title)} · sftkit</title><link rel="stylesheet" href="/static/vendor/uPlot.min.css">
 <link rel="stylesheet" href="/static/style.css"></head><body{data}>
-<nav><a href="/" class="brand">sftkit</a> <a href="/">Runs</a></nav><main>{body}</main>
+<nav><a href="/" class="brand">sftkit</a> <a href="/">Runs</a> <a href="/review">Review</a></nav><main>{body}</main>
 <script src="/static/vendor/uPlot.iife.min.js"></script><script src="/static/app.js"></script></body></html>""")
 
 
@@ -225,6 +226,7 @@ class Dashboard:
         self.chat_model: tuple[str, object] | None = None
         self.data_cache: OrderedDict[tuple, dict] = OrderedDict()
         self.stopping = threading.Event()  # set when the server shuts down: every generation ends
+        self.review_lock = threading.Lock()  # one judgement written at a time (each is one O_APPEND write too)
 
     # -- helpers -------------------------------------------------------------------------------
     def run_dir(self, name: str) -> Path:
@@ -407,6 +409,97 @@ class Dashboard:
                 "<div id=log class=chatlog></div><form id=chatform><input id=message autocomplete=off "
                 "placeholder=\"Say something\"><button>Send</button> <button type=button id=reset>Reset</button></form>")
         return page(f"chat · {name}", body, "chat", name)
+
+    # -- review ----------------------------------------------------------------------------------
+    def candidates_file(self, rel: str) -> Path:
+        """A candidates file under the runs folder (`sftkit generate --n`): a plain relative path to a
+        .jsonl whose name has `candidates` in it. Its judgements go to reviews.jsonl beside it."""
+        path = R.inside(self.root, rel) if plain_name(rel) else None
+        if path is None or path.suffix != ".jsonl" or "candidates" not in path.name or not path.is_file():
+            raise HTTPException(404, f"no candidates file {rel[:200]!r} in {self.root} (make one: sftkit generate "
+                                     "RUN --input prompts.jsonl --output RUNS/review/candidates.jsonl --n 4 --temperature 0.8)")
+        return path
+
+    def review_list(self, request: Request) -> HTMLResponse:
+        found = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*candidates*.jsonl")
+                       if not any(x.startswith(".") for x in p.relative_to(self.root).parts))[:500]
+        items = "".join(f"<li><a href=\"/review/{e(quote(f))}\">{e(f)}</a></li>" for f in found)
+        body = (f"<h1>Review</h1><ul id=files>{items}</ul>" if found else
+                f"<h1>Review</h1><p class=empty>No candidates files in {e(self.root)}: <code>sftkit generate RUN "
+                "--input prompts.jsonl --output RUNS/review/candidates.jsonl --n 4 --temperature 0.8</code> writes one.</p>")
+        return page("Review", body)
+
+    def review_page(self, request: Request) -> HTMLResponse:
+        rel = request.path_params["path"]
+        self.candidates_file(rel)
+        body = (f"<h1>Review <small>{e(rel)}</small></h1>"
+                "<form id=who><label>Your name <input id=reviewer autocomplete=username maxlength=80 required></label> "
+                "<button>Start</button></form>"
+                "<div id=review hidden><p><progress id=progress max=1 value=0></progress> <span id=count></span></p>"
+                "<p class=keys>Keys: ←/→ pick a reply · 1-5 its overall grade · shift+1-9 its rank (equal ranks tie) · "
+                "f flag it wrong · u flag it unsafe · Enter save and next · s skip · p back</p>"
+                "<h2>Prompt</h2><pre id=prompt></pre><div id=replies class=replies></div>"
+                "<label>Comment <textarea id=comment rows=2></textarea></label>"
+                "<p><button id=save>Save and next (Enter)</button> <button id=skip type=button>Skip (s)</button> "
+                "<button id=back type=button>Back (p)</button> <span id=saved></span></p>"
+                "<h2>Agreement</h2><pre id=agreement></pre></div>")
+        return page(f"review · {rel}", body, "review", rel)
+
+    def review_state(self, path: Path, reviewer: str) -> dict:
+        from ..reviews import agreement, read_candidates, read_reviews
+
+        rows = read_candidates(path)
+        reviews = path.parent / "reviews.jsonl"
+        judged = [j for j in read_reviews(reviews) if j.candidates_file == path.name] if reviews.is_file() else []
+        mine = {j.prompt_id: {"grades": j.grades, "ranking": j.ranking, "flags": j.flags, "comment": j.comment}
+                for j in judged if j.reviewer == reviewer}
+        prompts = []
+        for pid, row in rows.items():
+            prompt = row.get("prompt") if "messages" not in row else "\n\n".join(
+                f"{m.get('role')}: {m.get('content')}" for m in row["messages"] if isinstance(m, dict))
+            # The reply alone: which model or run wrote it stays in the file, out of the reviewer's sight.
+            prompts.append({"id": pid, "prompt": prompt if isinstance(prompt, str) else json.dumps(prompt),
+                            "candidates": [{"id": c["id"], "reply": c["reply"]} for c in row["candidates"]]})
+        text = ""
+        if len({j.reviewer for j in judged}) >= 2:
+            text = "\n".join(agreement(reviews).lines())
+        return {"prompts": prompts, "mine": mine, "judged": len(mine), "agreement": text}
+
+    def api_review(self, request: Request) -> JSONResponse:
+        path = self.candidates_file(request.path_params["path"])
+        reviewer = request.query_params.get("reviewer", "").strip()
+        if not reviewer:
+            return bad_request("reviewer: give your name (?reviewer=NAME)")
+        try:
+            return JSONResponse(self.review_state(path, reviewer))
+        except ValueError as err:  # a bad line in the candidates or review file: say which
+            return JSONResponse({"error": str(err)}, 409)
+
+    async def api_review_post(self, request: Request) -> JSONResponse:
+        """One judgement, appended to reviews.jsonl beside the candidates file (and nowhere else)."""
+        from ..reviews import append_judgement, check_ids, judgement_of, read_candidates
+
+        path = self.candidates_file(request.path_params["path"])
+        try:
+            body = json.loads(await request.body())
+            reviewer = str(body["reviewer"]).strip()
+            if not reviewer or len(reviewer) > 80 or not reviewer.isprintable():
+                raise ValueError("reviewer: a name of 1-80 printable characters")
+            line = {"reviewer": reviewer, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "candidates": path.name, "prompt_id": str(body["prompt_id"]), "grades": body.get("grades") or {},
+                    "ranking": body.get("ranking") or [], "flags": body.get("flags") or {},
+                    "comment": str(body.get("comment") or "")[:4000]}
+            j = judgement_of(line, "judgement")
+            row = read_candidates(path).get(j.prompt_id)
+            if row is None:
+                raise ValueError(f"prompt_id: {j.prompt_id!r} is not in {path.name}")
+            check_ids(j, row, "judgement")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return bad_request(str(err) if isinstance(err, ValueError) else
+                               "expected {\"reviewer\", \"prompt_id\", \"grades\", \"ranking\", \"flags\", \"comment\"}")
+        with self.review_lock:
+            append_judgement(path.parent / "reviews.jsonl", line)
+        return JSONResponse({"saved": True, "time": line["time"]})
 
     # -- API -----------------------------------------------------------------------------------
     def api_runs(self, request: Request) -> JSONResponse:
@@ -595,6 +688,10 @@ def create_app(root: str | Path, token: str | None = None, hosts: set[str] | Non
         Route("/api/runs", d.api_runs),
         Route("/api/metrics/{name:path}", d.api_metrics),
         Route("/api/chat/{name:path}", d.api_chat, methods=["POST"]),
+        Route("/review", d.review_list),
+        Route("/review/{path:path}", d.review_page),
+        Route("/api/review/{path:path}", d.api_review, methods=["GET"]),
+        Route("/api/review/{path:path}", d.api_review_post, methods=["POST"]),
         Route("/files/{path:path}", d.files),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -11,7 +11,10 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ import pytest
 
 from sftkit.cli import main
 from sftkit.config import ConfigError, load_config
+from sftkit.reviews import read_reviews, review_pairs
 from sftkit.trainer import train
 
 from ..conftest import write_jsonl
@@ -631,3 +635,149 @@ def test_the_printed_address_carries_a_fresh_token_and_no_token_warns(runs_root,
     assert seen[-1][0].token is None
     assert main(["ui", str(runs_root), "--port", str(free_port()), "--host", "0.0.0.0"]) == 0
     assert "warning: bound to 0.0.0.0, not to this machine alone" in capsys.readouterr().out
+
+
+# -- the Review page: candidates from `sftkit generate --n`, judged by people ------------------------
+ODD = "<script>window.__rv=1</script><img src=x onerror=window.__rv=2>"
+
+
+@pytest.fixture(scope="module")
+def candidates(runs_root, tiny_model_dir):
+    prompts = write_jsonl(runs_root.parent / "review-prompts.jsonl", [
+        {"id": "q1", "prompt": "Say hello in French."}, {"id": "q2", "prompt": f"Repeat this: {ODD}"},
+        {"id": "q3", "prompt": "Name a prime number."}])
+    folder = runs_root / "review"
+    folder.mkdir()
+    out = folder / "candidates.jsonl"
+    assert main(["generate", str(tiny_model_dir), "--input", str(prompts), "--output", str(out), "--n", "3",
+                 "--temperature", "0.8", "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(x) for x in open(out)]
+    rows[1]["candidates"][0]["reply"] = ODD  # a reply with markup in it: shown as text
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def start(tab, url: str, name: str) -> None:
+    tab.goto(url + "/review/review/candidates.jsonl")
+    tab.fill("#reviewer", name)
+    tab.click("#who button")
+    wait_until(tab, "!document.getElementById('review').hidden")
+    tab.locator("#prompt").click()  # focus out of the name field: the keys are the page's
+
+
+def test_a_whole_review_by_keys_continues_after_a_reload_and_two_reviewers_agree_or_not(
+        server, candidates, browser, tmp_path):
+    url = server[0]
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    tab.goto(url + f"/?token={TOKEN}")
+    tab.click("nav a[href='/review']")
+    tab.click("#files a")
+    tab.fill("#reviewer", "ana")
+    tab.click("#who button")
+    wait_until(tab, "!document.getElementById('review').hidden")
+    tab.locator("#prompt").click()
+    assert tab.locator("#prompt").inner_text() == "Say hello in French."
+    assert tab.locator(".reply").count() == 3 and "ana" in tab.locator("#count").inner_text()
+    for keys in (["5", "Shift+Digit1"], ["ArrowRight", "3", "Shift+Digit2"], ["ArrowRight", "1", "f"]):
+        for k in keys:
+            tab.keyboard.press(k)
+    tab.fill("#comment", "the first is best")
+    tab.locator("#prompt").click()
+    tab.keyboard.press("Enter")
+    wait_until(tab, "document.getElementById('saved').textContent.startsWith('saved q1')")
+    assert tab.locator("#prompt").inner_text() == f"Repeat this: {ODD}"  # on to the next prompt, as text
+    assert tab.locator(".reply pre").first.inner_text() == ODD
+    assert tab.locator("#review script, #review img").count() == 0 and tab.evaluate("window.__rv") is None
+    shot(tab, "ui-review.png", tmp_path)
+
+    tab.reload()  # closing the page loses nothing: it goes on where ana stopped
+    tab.click("#who button")  # the name is remembered
+    wait_until(tab, "!document.getElementById('review').hidden")
+    assert tab.locator("#prompt").inner_text().startswith("Repeat this:")
+    assert tab.locator("#progress").evaluate("p => p.value") == 1
+    tab.locator("#back").click()  # the saved judgement comes back with the prompt
+    assert tab.locator(".reply").first.locator(".rank").input_value() == "1"
+    assert tab.locator(".reply").nth(2).locator(".flag[data-flag='wrong']").is_checked()
+    context.close()
+
+    other = browser.new_context()
+    tab = other.new_page()
+    tab.goto(url + f"/?token={TOKEN}")
+    start(tab, url, "bo")
+    for k in ["2", "ArrowRight", "4", "ArrowRight", "1"]:
+        tab.keyboard.press(k)
+    tab.keyboard.press("Enter")
+    wait_until(tab, "document.getElementById('agreement').textContent.includes(\"Krippendorff's alpha\")")
+    assert "q1" in tab.locator("#agreement").inner_text()  # the prompt they disagree on
+    other.close()
+
+    reviews = candidates.parent / "reviews.jsonl"
+    judged = {(j.reviewer, j.prompt_id): j for j in read_reviews(reviews)}
+    ana, bo = judged[("ana", "q1")], judged[("bo", "q1")]
+    ids = [c["id"] for c in json.loads(candidates.read_text().splitlines()[0])["candidates"]]
+    assert ana.grades == {ids[0]: {"overall": 5}, ids[1]: {"overall": 3}, ids[2]: {"overall": 1}}
+    assert ana.ranking == [[ids[0]], [ids[1]]] and ana.flags == {ids[2]: ["wrong"]}
+    assert ana.comment == "the first is best" and bo.grades[ids[1]] == {"overall": 4}
+    rows, stats = review_pairs(reviews)
+    pairs = {(r["chosen_id"], r["rejected_id"]) for r in rows}
+    assert (ids[0], ids[2]) in pairs and (ids[1], ids[2]) in pairs  # the flagged reply is never chosen
+    assert stats.counts["conflicting pairs (reviewers disagree on the order)"] == 1  # ana: A > B, bo: B > A
+    assert main(["data", "pairs", str(reviews), "--out", str(tmp_path / "pairs.jsonl")]) == 0
+
+
+def test_the_review_api_writes_only_the_file_beside_the_candidates_and_checks_what_it_is_given(server, candidates):
+    import httpx
+
+    url, _, _ = server
+    api = url + "/api/review/review/candidates.jsonl"
+    post = {**AUTH, "content-type": "application/json", "origin": url}
+    ok = {"reviewer": "cy", "prompt_id": "q3", "grades": {}, "ranking": [], "flags": {}}
+    assert httpx.post(api, json=ok, headers=post).status_code == 200
+    bad = [({**ok, "prompt_id": "q9"}, "not in candidates.jsonl"),
+           ({**ok, "grades": {"q3-c0": {"overall": 7}}}, "expected a whole number 1-5"),
+           ({**ok, "ranking": [["q1-c0"]]}, "is not a candidate of prompt 'q3'"),
+           ({**ok, "reviewer": ""}, "reviewer")]
+    for body, why in bad:
+        r = httpx.post(api, json=body, headers=post)
+        assert r.status_code == 400 and why in r.json()["error"], r.text
+    assert httpx.post(api, json=ok, headers={**post, "origin": "http://evil.example"}).status_code == 403
+    assert httpx.post(api, json=ok, headers={"content-type": "application/json", "origin": url}).status_code == 403
+    assert httpx.post(api, json=ok, headers={**post, "host": "evil.example"}).status_code == 403
+    for path in ("/api/review/../secret.txt", "/api/review/tiny/config.yaml", "/api/review/review/reviews.jsonl"):
+        assert httpx.post(url + path, json=ok, headers=post).status_code == 404
+    lines = (candidates.parent / "reviews.jsonl").read_text().splitlines()
+    assert sum(json.loads(x)["reviewer"] == "cy" for x in lines) == 1  # only the good one was written
+
+
+def test_every_judgement_made_before_a_kill_9_is_on_disk(runs_root, candidates):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sftkit", "ui", str(runs_root), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reviews = candidates.parent / "reviews.jsonl"
+    before = len(reviews.read_text().splitlines()) if reviews.exists() else 0
+    try:
+        token = proc.stdout.readline().split("?token=")[1].split()[0]
+        deadline = time.time() + 30
+        made = 0
+        while made < 20:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                body = {"reviewer": f"k{made % 3}", "prompt_id": f"q{made % 3 + 1}",
+                        "grades": {f"q{made % 3 + 1}-c0": {"overall": made % 5 + 1}}}
+                conn.request("POST", "/api/review/review/candidates.jsonl", json.dumps(body),
+                             {"content-type": "application/json", "authorization": f"token {token}"})
+                assert conn.getresponse().status == 200
+                made += 1
+            except ConnectionRefusedError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)  # no shutdown at all: what was answered must be on disk
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = reviews.read_text().splitlines()
+    assert len(lines) - before == 20 and all(json.loads(x)["candidates"] == "candidates.jsonl" for x in lines)
+    last = [json.loads(x) for x in lines[-20:]]
+    assert [x["grades"] for x in last] == [{f"q{i % 3 + 1}-c0": {"overall": i % 5 + 1}} for i in range(20)]

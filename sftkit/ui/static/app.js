@@ -146,8 +146,181 @@ const sftkit = (() => {
   }
 
   // What a page needs comes as data on <body> (the server writes no inline script: its CSP allows none).
-  const pages = { runs: runsPage, run: runPage, compare: comparePage, chat: chatPage };
+  // Review: one prompt at a time, its replies side by side (as text); grades, ranks, flags, a comment.
+  // Each judgement is POSTed as it is saved and appended to reviews.jsonl by the server; opening the
+  // page again goes on from the first prompt this reviewer has not judged.
+  function reviewPage(file) {
+    const $ = id => document.getElementById(id);
+    const api = "/api/review/" + encodeURIComponent(file).replace(/%2F/g, "/");
+    let state = null, at = 0, picked = 0, judge = {};
+    $("reviewer").value = localStorage.getItem("sftkit-reviewer") || "";
+    const who = () => $("reviewer").value.trim();
+
+    async function load() {
+      const r = await fetch(`${api}?reviewer=${encodeURIComponent(who())}`);
+      const body = await r.json();
+      if (!r.ok) { $("saved").textContent = body.error; return; }
+      state = body;
+      $("agreement").textContent = body.agreement || "(agreement shows once two reviewers graded the same replies)";
+      const next = state.prompts.findIndex(p => !(p.id in state.mine));
+      at = next < 0 ? 0 : next;
+      show();
+    }
+
+    function blank(p) {
+      const old = state.mine[p.id];
+      const j = { grades: {}, ranks: {}, flags: {}, comment: old ? old.comment : "" };
+      if (old) {
+        for (const [c, g] of Object.entries(old.grades)) j.grades[c] = { ...g };
+        old.ranking.forEach((tier, i) => tier.forEach(c => { j.ranks[c] = i + 1; }));
+        for (const [c, f] of Object.entries(old.flags)) j.flags[c] = [...f];
+      }
+      return j;
+    }
+
+    function show() {
+      const p = state.prompts[at];
+      judge = blank(p);
+      picked = 0;
+      $("review").hidden = false;
+      $("progress").max = state.prompts.length;
+      $("progress").value = Object.keys(state.mine).length;
+      $("count").textContent = `prompt ${at + 1} of ${state.prompts.length}; ${Object.keys(state.mine).length} judged by ${who()}`;
+      $("prompt").textContent = p.prompt;
+      $("comment").value = judge.comment;
+      const box = $("replies");
+      box.replaceChildren();
+      p.candidates.forEach((c, i) => {
+        const div = document.createElement("div");
+        div.className = "reply";
+        div.dataset.id = c.id;
+        const head = document.createElement("h3");
+        head.textContent = `Reply ${String.fromCharCode(65 + i)}`;
+        const text = document.createElement("pre");
+        text.textContent = c.reply;  // markdown and code kept as written, never rendered
+        const grades = document.createElement("div");
+        grades.className = "grades";
+        for (const crit of ["overall", "relevance", "coherence", "appropriateness"]) {
+          const row = document.createElement("div");
+          row.dataset.criterion = crit;
+          const label = document.createElement("span");
+          label.textContent = crit + " ";
+          row.appendChild(label);
+          for (let g = 1; g <= 5; g++) {
+            const b = document.createElement("button");
+            b.type = "button";
+            b.textContent = String(g);
+            b.className = "grade";
+            b.dataset.grade = String(g);
+            b.addEventListener("click", () => { setGrade(c.id, crit, g); });
+            row.appendChild(b);
+          }
+          grades.appendChild(row);
+        }
+        const meta = document.createElement("div");
+        meta.className = "meta";
+        const rank = document.createElement("input");
+        rank.type = "number"; rank.min = "1"; rank.max = "9"; rank.className = "rank";
+        rank.addEventListener("change", () => { judge.ranks[c.id] = Number(rank.value) || undefined; paint(); });
+        const rl = document.createElement("label");
+        rl.append("rank ", rank);
+        meta.appendChild(rl);
+        for (const f of ["wrong", "unsafe"]) {
+          const cb = document.createElement("input");
+          cb.type = "checkbox"; cb.className = "flag"; cb.dataset.flag = f;
+          cb.addEventListener("change", () => { toggleFlag(c.id, f, cb.checked); });
+          const l = document.createElement("label");
+          l.append(cb, " " + f);
+          meta.appendChild(l);
+        }
+        div.append(head, text, grades, meta);
+        div.addEventListener("click", () => { picked = i; paint(); });
+        box.appendChild(div);
+      });
+      paint();
+    }
+
+    function setGrade(id, crit, g) { (judge.grades[id] ||= {})[crit] = g; paint(); }
+    function toggleFlag(id, f, on) {
+      const list = new Set(judge.flags[id] || []);
+      if (on) list.add(f); else list.delete(f);
+      judge.flags[id] = [...list];
+      paint();
+    }
+
+    function paint() {
+      [...$("replies").children].forEach((div, i) => {
+        const id = div.dataset.id, g = judge.grades[id] || {};
+        div.classList.toggle("picked", i === picked);
+        for (const row of div.querySelectorAll(".grades > div")) {
+          for (const b of row.querySelectorAll("button")) {
+            b.classList.toggle("on", g[row.dataset.criterion] === Number(b.dataset.grade));
+          }
+        }
+        div.querySelector(".rank").value = judge.ranks[id] || "";
+        for (const cb of div.querySelectorAll(".flag")) cb.checked = (judge.flags[id] || []).includes(cb.dataset.flag);
+      });
+    }
+
+    function ranking() {  // tiers, best first: the ranks given, else none (the grades order the pairs)
+      const by = new Map();
+      for (const [id, r] of Object.entries(judge.ranks)) if (r) by.set(r, [...(by.get(r) || []), id]);
+      return [...by.keys()].sort((a, b) => a - b).map(r => by.get(r));
+    }
+
+    async function save() {
+      const p = state.prompts[at];
+      const body = { reviewer: who(), prompt_id: p.id, grades: judge.grades, ranking: ranking(),
+                     flags: Object.fromEntries(Object.entries(judge.flags).filter(([, f]) => f.length)),
+                     comment: $("comment").value };
+      const r = await fetch(api, { method: "POST", headers: { "content-type": "application/json" },
+                                   body: JSON.stringify(body) });
+      const answer = await r.json();
+      if (!r.ok) { $("saved").textContent = answer.error; return; }
+      state.mine[p.id] = { grades: body.grades, ranking: body.ranking, flags: body.flags, comment: body.comment };
+      $("saved").textContent = `saved ${p.id} at ${answer.time}`;
+      const next = state.prompts.findIndex((q, i) => i > at && !(q.id in state.mine));
+      const any = state.prompts.findIndex(q => !(q.id in state.mine));
+      at = next >= 0 ? next : any >= 0 ? any : at;
+      await refresh();
+    }
+
+    async function refresh() {  // the agreement may have changed with this judgement
+      const r = await fetch(`${api}?reviewer=${encodeURIComponent(who())}`);
+      if (r.ok) { const b = await r.json(); state.mine = b.mine; $("agreement").textContent = b.agreement || $("agreement").textContent; }
+      show();
+    }
+
+    $("who").addEventListener("submit", ev => {
+      ev.preventDefault();
+      if (!who()) return;
+      localStorage.setItem("sftkit-reviewer", who());
+      load();
+    });
+    $("save").addEventListener("click", save);
+    $("skip").addEventListener("click", () => { at = (at + 1) % state.prompts.length; show(); });
+    $("back").addEventListener("click", () => { at = (at - 1 + state.prompts.length) % state.prompts.length; show(); });
+    document.addEventListener("keydown", ev => {
+      if (!state || ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName)) return;
+      const ids = state.prompts[at].candidates.map(c => c.id);
+      if (ev.key === "ArrowRight") { picked = (picked + 1) % ids.length; paint(); }
+      else if (ev.key === "ArrowLeft") { picked = (picked - 1 + ids.length) % ids.length; paint(); }
+      else if (ev.shiftKey && /^Digit[1-9]$/.test(ev.code)) { judge.ranks[ids[picked]] = Number(ev.code.slice(5)); paint(); }
+      else if (/^[1-5]$/.test(ev.key)) setGrade(ids[picked], "overall", Number(ev.key));
+      else if (ev.key === "f" || ev.key === "u") {
+        const f = ev.key === "f" ? "wrong" : "unsafe";
+        toggleFlag(ids[picked], f, !(judge.flags[ids[picked]] || []).includes(f));
+      }
+      else if (ev.key === "Enter") save();
+      else if (ev.key === "s") $("skip").click();
+      else if (ev.key === "p") $("back").click();
+      else return;
+      ev.preventDefault();
+    });
+  }
+
+  const pages = { runs: runsPage, run: runPage, compare: comparePage, chat: chatPage, review: reviewPage };
   const kind = document.body.dataset.page;
   if (pages[kind]) pages[kind](JSON.parse(document.body.dataset.args || "null"));
-  return { runPage, comparePage, runsPage, chatPage };
+  return { runPage, comparePage, runsPage, chatPage, reviewPage };
 })();
