@@ -148,6 +148,11 @@ class PreferenceConfig:
 
 
 @dataclass
+class RewardConfig:
+    objective: str = "pairs"  # data.train a review file (reviews.jsonl): pairs = Bradley-Terry over every ordered pair of each judgement, margins from grade differences | grades = regression of the reward on each reply's overall grade
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard
     mlflow: str | None = None  # MLflow tracking URI, e.g. sqlite:///mlflow.db; unset = no MLflow
@@ -164,6 +169,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     task: str = "sft"  # sft (generate text) | classification (text + label rows) | preference (chosen/rejected pairs: DPO...) | reward (a reward model on the same pairs) | rl (generate, score, update: GRPO, RLOO)
     output_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, final model
 

@@ -281,3 +281,51 @@ def agreement(reviews: str | Path) -> Agreement:
             spread[pid].append(max(g.values()) - min(g.values()))
     worst = sorted(((pid, sum(s) / len(s)) for pid, s in spread.items()), key=lambda x: (-x[1], x[0]))
     return Agreement(reviewers, alphas, units, worst)
+
+
+def is_review_file(spec) -> bool:
+    """`data.train` names a review file: a .jsonl whose first line is a judgement (reviewer, prompt_id)."""
+    if not isinstance(spec, str) or not spec.endswith(".jsonl") or not Path(spec).is_file():
+        return False
+    with open(spec, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "reviewer" in obj and "prompt_id" in obj
+
+
+def graded_replies(reviews: str | Path) -> list[dict]:
+    """Every reply with an overall grade: prompt, reply, grade (the mean over its reviewers), ids."""
+    reviews = Path(reviews)
+    grades: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    files: dict[str, dict[str, dict]] = {}
+    for j in read_reviews(reviews):
+        if j.candidates_file not in files:
+            files[j.candidates_file] = read_candidates(reviews.parent / j.candidates_file)
+        row = files[j.candidates_file].get(j.prompt_id)
+        if row is None:
+            raise DataError(f"{reviews}:{j.line}: prompt_id: {j.prompt_id!r} is not in {j.candidates_file}")
+        check_ids(j, row, f"{reviews}:{j.line}")
+        for cid, g in j.grades.items():
+            if "overall" in g:
+                grades[(j.candidates_file, j.prompt_id, cid)].append(g["overall"])
+    out = []
+    for (file, pid, cid), gs in grades.items():
+        row = files[file][pid]
+        reply = next(c["reply"] for c in row["candidates"] if c["id"] == cid)
+        out.append({"prompt": row.get("messages", row.get("prompt")), "reply": reply, "grade": sum(gs) / len(gs),
+                    "prompt_id": pid, "candidate_id": cid})
+    return out
+
+
+def held_out_prompts(ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The prompts held out: `fraction` of them, drawn by seed (a prompt's replies stay together)."""
+    import random
+
+    unique = sorted(set(ids))
+    if fraction <= 0 or len(unique) < 2:
+        return set()
+    n = max(1, round(fraction * len(unique)))
+    return set(random.Random(seed).sample(unique, min(n, len(unique) - 1)))

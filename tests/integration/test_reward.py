@@ -115,3 +115,53 @@ def test_a_reply_after_a_prompt_longer_than_max_length_is_still_what_is_scored(r
     err = capsys.readouterr().err
     assert "2 of 2 prompt + reply pairs are longer than data.max_length=40" in err
     assert "the reply whole and the prompt cut from its start" in err
+
+
+def graded_review(tmp, n_prompts: int = 40):
+    """Candidates whose replies carry 0-4 times the word "good" among fixed-length filler, graded by
+    one reviewer by that rule (1 + the count), and ranked by it."""
+    import random
+
+    rng = random.Random(0)
+    filler = ["tree", "blue", "stone", "river", "lamp", "cloud", "paper", "glass"]
+    rows, reviews = [], []
+    for i in range(n_prompts):
+        cands = []
+        for k, count in enumerate(rng.sample(range(5), 4)):
+            words = ["good"] * count + rng.sample(filler, 8 - count)
+            rng.shuffle(words)
+            cands.append({"id": f"p{i}-c{k}", "reply": " ".join(words), "count": count})
+        rows.append({"id": f"p{i}", "prompt": f"Describe thing {i}.", "candidates": cands})
+        order = sorted(cands, key=lambda c: -c["count"])
+        reviews.append({"reviewer": "ana", "time": "t", "candidates": "candidates.jsonl", "prompt_id": f"p{i}",
+                        "grades": {c["id"]: {"overall": 1 + c["count"]} for c in cands},
+                        "ranking": [[c["id"]] for c in order]})
+    write_jsonl(tmp / "candidates.jsonl", rows)
+    return write_jsonl(tmp / "reviews.jsonl", reviews)
+
+
+@pytest.mark.parametrize("objective", ["grades", "pairs"])
+def test_a_reward_model_from_peoples_grades_ranks_held_out_replies_by_their_rule(tmp_path, tiny_model_dir, objective):
+    reviews = graded_review(tmp_path)
+    r = train(load_config(None, {"task": "reward", "model.name": str(tiny_model_dir), "data.train": str(reviews),
+                                 "data.eval_fraction": 0.25, "reward.objective": objective, "peft.method": "full",
+                                 "train.lr": 3e-3, "train.batch_size": 16, "train.max_steps": 60,
+                                 "train.eval_every": 30, "eval.reference": None, "output_dir": str(tmp_path / "run")}))
+    summary = json.loads((r.run_dir / "summary.json").read_text())
+    m = summary["metrics"]
+    assert m["eval_spearman"] > 0.8, m  # held-out prompts' replies ranked by the rule that graded them
+    assert m["eval_accuracy"] > 0.85 and {"eval_reward_mean", "eval_reward_std"} <= set(m)
+    assert summary["scores"]["base"] < 0.75 < summary["scores"]["tuned"]  # held-out pairwise accuracy, before and after
+    assert [json.loads(x)["step"] for x in open(r.run_dir / "metrics.jsonl") if '"eval_spearman"' in x] == [30, 60]
+
+
+def test_grades_need_a_review_file(tmp_path, tiny_model_dir):
+    from sftkit.config import ConfigError
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    with pytest.raises(ConfigError, match="reward.objective: grades learns from people's grades"):
+        train(load_config(None, {"task": "reward", "data.train": str(data), "reward.objective": "grades",
+                                 "output_dir": str(tmp_path / "r")}))
+    with pytest.raises(ConfigError, match="reward.objective: expected one of pairs, grades"):
+        train(load_config(None, {"task": "reward", "data.train": str(data), "reward.objective": "ordinal",
+                                 "output_dir": str(tmp_path / "r")}))
