@@ -679,7 +679,7 @@ def test_a_whole_review_by_keys_continues_after_a_reload_and_two_reviewers_agree
     tab.locator("#prompt").click()
     assert tab.locator("#prompt").inner_text() == "Say hello in French."
     assert tab.locator(".reply").count() == 3 and "ana" in tab.locator("#count").inner_text()
-    for keys in (["5", "Shift+Digit1"], ["ArrowRight", "3", "Shift+Digit2"], ["ArrowRight", "1", "f"]):
+    for keys in (["5", "Shift+Digit1", "r", "4", "o"], ["ArrowRight", "3", "Shift+Digit2"], ["ArrowRight", "1", "f"]):
         for k in keys:
             tab.keyboard.press(k)
     tab.fill("#comment", "the first is best")
@@ -716,7 +716,7 @@ def test_a_whole_review_by_keys_continues_after_a_reload_and_two_reviewers_agree
     judged = {(j.reviewer, j.prompt_id): j for j in read_reviews(reviews)}
     ana, bo = judged[("ana", "q1")], judged[("bo", "q1")]
     ids = [c["id"] for c in json.loads(candidates.read_text().splitlines()[0])["candidates"]]
-    assert ana.grades == {ids[0]: {"overall": 5}, ids[1]: {"overall": 3}, ids[2]: {"overall": 1}}
+    assert ana.grades == {ids[0]: {"overall": 5, "relevance": 4}, ids[1]: {"overall": 3}, ids[2]: {"overall": 1}}
     assert ana.ranking == [[ids[0]], [ids[1]]] and ana.flags == {ids[2]: ["wrong"]}
     assert ana.comment == "the first is best" and bo.grades[ids[1]] == {"overall": 4}
     rows, stats = review_pairs(reviews)

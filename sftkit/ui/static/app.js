@@ -152,7 +152,8 @@ const sftkit = (() => {
   function reviewPage(file) {
     const $ = id => document.getElementById(id);
     const api = "/api/review/" + encodeURIComponent(file).replace(/%2F/g, "/");
-    let state = null, at = 0, picked = 0, judge = {};
+    let state = null, at = 0, picked = 0, judge = {}, criterion = "overall";
+    const CRITERIA = { o: "overall", r: "relevance", c: "coherence", a: "appropriateness" };
     $("reviewer").value = localStorage.getItem("sftkit-reviewer") || "";
     const who = () => $("reviewer").value.trim();
 
@@ -306,7 +307,8 @@ const sftkit = (() => {
       if (ev.key === "ArrowRight") { picked = (picked + 1) % ids.length; paint(); }
       else if (ev.key === "ArrowLeft") { picked = (picked - 1 + ids.length) % ids.length; paint(); }
       else if (ev.shiftKey && /^Digit[1-9]$/.test(ev.code)) { judge.ranks[ids[picked]] = Number(ev.code.slice(5)); paint(); }
-      else if (/^[1-5]$/.test(ev.key)) setGrade(ids[picked], "overall", Number(ev.key));
+      else if (/^[1-5]$/.test(ev.key)) setGrade(ids[picked], criterion, Number(ev.key));
+      else if (ev.key in CRITERIA) { criterion = CRITERIA[ev.key]; $("criterion").textContent = criterion; }
       else if (ev.key === "f" || ev.key === "u") {
         const f = ev.key === "f" ? "wrong" : "unsafe";
         toggleFlag(ids[picked], f, !(judge.flags[ids[picked]] || []).includes(f));
