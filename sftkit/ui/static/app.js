@@ -279,17 +279,17 @@ const sftkit = (() => {
       const answer = await r.json();
       if (!r.ok) { $("saved").textContent = answer.error; return; }
       state.mine[p.id] = { grades: body.grades, ranking: body.ranking, flags: body.flags, comment: body.comment };
-      $("saved").textContent = `saved ${p.id} at ${answer.time}`;
       const next = state.prompts.findIndex((q, i) => i > at && !(q.id in state.mine));
       const any = state.prompts.findIndex(q => !(q.id in state.mine));
       at = next >= 0 ? next : any >= 0 ? any : at;
-      await refresh();
+      show();  // the next prompt first, then the word that the last one is saved
+      $("saved").textContent = `saved ${p.id} at ${answer.time}`;
+      refreshAgreement();
     }
 
-    async function refresh() {  // the agreement may have changed with this judgement
+    async function refreshAgreement() {  // this judgement may have changed it; the page being judged stays as it is
       const r = await fetch(`${api}?reviewer=${encodeURIComponent(who())}`);
-      if (r.ok) { const b = await r.json(); state.mine = b.mine; $("agreement").textContent = b.agreement || $("agreement").textContent; }
-      show();
+      if (r.ok) { const b = await r.json(); if (b.agreement) $("agreement").textContent = b.agreement; }
     }
 
     $("who").addEventListener("submit", ev => {
