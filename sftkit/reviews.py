@@ -178,20 +178,29 @@ class PairStats:
         return f"{self.pairs} pairs from {self.judgements} judgements" + (f" (left out or merged: {said})" if said else "")
 
 
-def review_pairs(reviews: str | Path) -> tuple[list[dict], PairStats]:
-    """Preference rows (prompt, chosen, rejected, margin, ids, reviewers) from a review file."""
+def judged_rows(reviews: str | Path) -> tuple[list[tuple[Judgement, dict]], dict[str, dict[str, dict]]]:
+    """Each counted judgement with its prompt's candidates row (checked: the prompt and every
+    candidate it names exist), and the candidates files read (name -> prompt id -> row)."""
     reviews = Path(reviews)
-    judgements = read_reviews(reviews)
-    stats = PairStats(judgements=len(judgements))
-    candidates: dict[str, dict[str, dict]] = {}
-    votes: dict[tuple[str, str, str], list[tuple[str, float]]] = defaultdict(list)
-    for j in judgements:
-        if j.candidates_file not in candidates:
-            candidates[j.candidates_file] = read_candidates(reviews.parent / j.candidates_file)
-        row = candidates[j.candidates_file].get(j.prompt_id)
+    files: dict[str, dict[str, dict]] = {}
+    out = []
+    for j in read_reviews(reviews):
+        if j.candidates_file not in files:
+            files[j.candidates_file] = read_candidates(reviews.parent / j.candidates_file)
+        row = files[j.candidates_file].get(j.prompt_id)
         if row is None:
             raise DataError(f"{reviews}:{j.line}: prompt_id: {j.prompt_id!r} is not in {j.candidates_file}")
         check_ids(j, row, f"{reviews}:{j.line}")
+        out.append((j, row))
+    return out, files
+
+
+def review_pairs(reviews: str | Path) -> tuple[list[dict], PairStats]:
+    """Preference rows (prompt, chosen, rejected, margin, ids, reviewers) from a review file."""
+    judged, candidates = judged_rows(reviews)
+    stats = PairStats(judgements=len(judged))
+    votes: dict[tuple[str, str, str], list[tuple[str, float]]] = defaultdict(list)
+    for j, _ in judged:
         order = tiers(j)
         stats.counts["tied pairs"] += sum(len(t) * (len(t) - 1) // 2 for t in order if not set(t) <= set(j.flags))
         for i, upper in enumerate(order):
@@ -298,16 +307,9 @@ def is_review_file(spec) -> bool:
 
 def graded_replies(reviews: str | Path) -> list[dict]:
     """Every reply with an overall grade: prompt, reply, grade (the mean over its reviewers), ids."""
-    reviews = Path(reviews)
     grades: dict[tuple[str, str, str], list[int]] = defaultdict(list)
-    files: dict[str, dict[str, dict]] = {}
-    for j in read_reviews(reviews):
-        if j.candidates_file not in files:
-            files[j.candidates_file] = read_candidates(reviews.parent / j.candidates_file)
-        row = files[j.candidates_file].get(j.prompt_id)
-        if row is None:
-            raise DataError(f"{reviews}:{j.line}: prompt_id: {j.prompt_id!r} is not in {j.candidates_file}")
-        check_ids(j, row, f"{reviews}:{j.line}")
+    judged, files = judged_rows(reviews)
+    for j, _ in judged:
         for cid, g in j.grades.items():
             if "overall" in g:
                 grades[(j.candidates_file, j.prompt_id, cid)].append(g["overall"])
